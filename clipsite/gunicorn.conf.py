@@ -1,0 +1,18 @@
+"""gunicorn configuration: values come from clipsite.settings, the one place the environment is read."""
+
+from clipsite import settings
+
+bind = f"0.0.0.0:{settings.PORT}"
+wsgi_app = "clipsite.wsgi:application"
+worker_class = "gthread"
+workers = settings.WEB_CONCURRENCY
+threads = settings.WEB_THREADS
+timeout = 120
+graceful_timeout = 30
+keepalive = 5
+# The original spec's header is literally "request_id"; gunicorn drops underscored headers by default.
+header_map = "dangerous"
+accesslog = "-"
+errorlog = "-"
+# One copy of the model per worker process: never preload it in the master.
+preload_app = False

@@ -1,0 +1,39 @@
+"""A frozen, typed view of the service's settings, read at call time (tests may change settings)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.conf import settings
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_text_words: int
+    max_file_bytes: int
+    max_request_bytes: int
+    max_image_pixels: int
+    max_parts: int
+    max_key_chars: int
+
+
+def limits() -> Limits:
+    return Limits(
+        max_text_words=settings.CLIP_MAX_TEXT_WORDS,
+        max_file_bytes=settings.CLIP_MAX_FILE_BYTES,
+        max_request_bytes=settings.CLIP_MAX_REQUEST_BYTES,
+        max_image_pixels=settings.CLIP_MAX_IMAGE_PIXELS,
+        max_parts=settings.CLIP_MAX_PARTS,
+        max_key_chars=settings.CLIP_MAX_KEY_CHARS,
+    )
+
+
+def runtime_config():
+    from embeddings.runtime.state import RuntimeConfig
+
+    return RuntimeConfig(
+        model=settings.CLIP_MODEL,
+        models_dir=settings.CLIP_MODELS_DIR,
+        device=settings.CLIP_DEVICE,
+        torch_threads=settings.CLIP_TORCH_THREADS,
+    )

@@ -1,0 +1,232 @@
+"""Decoding and validating uploaded images: bytes in, one upright 8-bit RGB picture out.
+
+Everything here treats the bytes as hostile. The order of the checks is the point of the module:
+
+1. identify the format from the header; formats outside ``SUPPORTED_FORMATS`` are refused before any
+   pixel is decoded (EPS, for one, would run Ghostscript on ``load()``);
+2. check the pixel count stated in the header against ``max_pixels`` (decompression bombs);
+3. for PNG, verify every chunk's CRC, which Pillow skips for image data;
+4. optionally ask libjpeg for a reduced-scale decode, then decode once, fully;
+5. apply the EXIF orientation and convert whatever mode the file holds to RGB, compositing
+   transparency on white exactly as transformers' ``convert_to_rgb`` does.
+
+Any exception Pillow raises on the way is a property of the bytes and becomes ``InvalidImage``;
+nothing of its text reaches the client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from embeddings.errors import ApiError, InvalidImage, TooLarge, UnsupportedImage
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
+DEFAULT_MAX_PIXELS = 50_000_000
+
+_JPEG_FORMATS = frozenset({"JPEG", "MPO"})
+# Pillow has no opener named MPO: its JPEG opener returns an MPO image when the file is one.
+_OPENERS = tuple(sorted(SUPPORTED_FORMATS - {"MPO"}))
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_MAX_CHUNK_LENGTH = 2**31 - 1  # the PNG spec's limit
+# v * 255 / 65535 == v / 257, rounded; 257 is odd, so there are no ties.
+_SIXTEEN_TO_EIGHT = ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)
+_WHITE = (255, 255, 255, 255)
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An upload turned into pixels, with what later code may want to know about the file."""
+
+    image: Image.Image  # mode "RGB", EXIF orientation applied, loaded, no metadata
+    format: str  # Pillow's format name, one of SUPPORTED_FORMATS
+    original_size: tuple[int, int]  # (w, h) as stored in the file, before draft and orientation
+    sha256: str  # hex digest of the uploaded bytes
+
+
+def decode_image(
+    data: bytes,
+    *,
+    key: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_min_side: int | None = None,
+) -> DecodedImage:
+    """Decode uploaded bytes into an upright RGB image, or raise an ``ApiError`` naming ``key``.
+
+    ``max_pixels`` bounds width * height as stated in the header, checked before decoding (Pillow's
+    own ``Image.MAX_IMAGE_PIXELS`` guard applies as well). With ``draft_min_side``, a large JPEG is
+    decoded by libjpeg at 1/2, 1/4 or 1/8 scale, keeping its shortest side >= 2 * draft_min_side.
+
+    Raises ``InvalidImage`` (400) for bytes that are not a sound image, ``UnsupportedImage`` (415)
+    for a format Pillow knows but we do not accept, ``TooLarge`` (413, code ``image_too_large``)
+    for too many pixels.
+    """
+    if max_pixels < 1:
+        raise ValueError("max_pixels must be positive")
+    if draft_min_side is not None and draft_min_side < 1:
+        raise ValueError("draft_min_side must be positive")
+    if not data:
+        raise InvalidImage("The image file is empty.", key=key)
+    digest = hashlib.sha256(data).hexdigest()
+
+    # Pillow warns (and past twice its limit, raises) about decompression bombs. Make the warning an
+    # error so it cannot slip through as a log line. Before Python 3.14 catch_warnings swaps global
+    # state, so a race between threads can at worst leave this one narrow filter in place.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with _open_supported(data, key) as im:
+                fmt = im.format
+                original_size = im.size
+                _check_pixel_count(im.size, max_pixels, key)
+                if fmt == "PNG":
+                    _check_png_chunks(data, key)
+                if draft_min_side is not None and fmt in _JPEG_FORMATS:
+                    _draft_jpeg(im, draft_min_side)
+                im.load()
+                _apply_exif_orientation(im)
+                rgb = _to_rgb(im)
+        except ApiError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise TooLarge(
+                "The image has more pixels than the server will decode.", key=key, code="image_too_large"
+            ) from exc
+        except Exception as exc:
+            # Pillow's plugins raise a wide, undocumented set of types on bad input (OSError,
+            # SyntaxError, ValueError, struct.error, EOFError, IndexError, TypeError, KeyError,
+            # zlib.error, MemoryError...). Whatever they raise here is about these bytes.
+            logger.debug("Undecodable image for key %r: %s: %s", key, type(exc).__name__, exc)
+            raise InvalidImage(key=key) from exc
+
+    rgb.info = {}  # pixels only: stale metadata (an orientation tag) must not be applied twice
+    return DecodedImage(image=rgb, format=fmt, original_size=original_size, sha256=digest)
+
+
+def _open_supported(data: bytes, key: str | None) -> Image.Image:
+    """Open (header only) with the supported plugins; tell unknown bytes from unsupported formats."""
+    try:
+        return Image.open(io.BytesIO(data), formats=_OPENERS)
+    except Image.UnidentifiedImageError:
+        pass
+    # Only now let every plugin look at the bytes, just to name the format; nothing is loaded.
+    try:
+        with Image.open(io.BytesIO(data)) as other:
+            fmt = other.format
+    except Image.UnidentifiedImageError:
+        raise InvalidImage("The file is not an image in a format the server can read.", key=key) from None
+    raise UnsupportedImage(
+        f"{fmt} images are not supported; send JPEG, PNG, WebP, GIF, BMP or TIFF.", key=key
+    )
+
+
+def _check_pixel_count(size: tuple[int, int], max_pixels: int, key: str | None) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise InvalidImage("The image has no pixels.", key=key)
+    if width * height > max_pixels:
+        raise TooLarge(
+            f"The image is {width}x{height} pixels; the server decodes at most {max_pixels:,} pixels.",
+            key=key,
+            code="image_too_large",
+        )
+
+
+def _check_png_chunks(data: bytes, key: str | None) -> None:
+    """Verify a PNG's chunk structure and every chunk's CRC; Pillow does not check IDAT's."""
+    corrupt = InvalidImage("The PNG file is corrupt or truncated.", key=key)
+    size = len(data)
+    pos = len(_PNG_SIGNATURE)
+    with memoryview(data) as view:
+        if view[:pos] != _PNG_SIGNATURE:
+            raise corrupt
+        first = True
+        while True:
+            if pos + 12 > size:
+                raise corrupt  # ran out of bytes before IEND
+            length, chunk_type = struct.unpack_from(">I4s", data, pos)
+            end = pos + 12 + length
+            if length > _PNG_MAX_CHUNK_LENGTH or not chunk_type.isalpha() or end > size:
+                raise corrupt
+            if first and chunk_type != b"IHDR":
+                raise corrupt
+            (crc,) = struct.unpack_from(">I", data, end - 4)
+            if zlib.crc32(view[pos + 4 : end - 4]) != crc:
+                raise corrupt
+            if chunk_type == b"IEND":
+                return  # bytes after IEND are ignored, as every decoder does
+            pos, first = end, False
+
+
+def _draft_jpeg(im: Image.Image, min_side: int) -> None:
+    """Ask libjpeg for the smallest 1/8, 1/4 or 1/2 scale keeping the short side >= 2 * min_side."""
+    width, height = im.size
+    for scale in (8, 4, 2):
+        if min(width, height) // scale >= 2 * min_side:
+            # Pillow picks the largest scale s with size // request >= s: asking for size // scale
+            # yields exactly `scale` (the quotient lies in [scale, 2 * scale)).
+            im.draft("RGB", (width // scale, height // scale))
+            return
+
+
+def _apply_exif_orientation(im: Image.Image) -> None:
+    """Turn the loaded image upright in place; malformed EXIF leaves it as stored."""
+    try:
+        ImageOps.exif_transpose(im, in_place=True)
+    except Exception as exc:
+        # Raised either while reading the tag (nothing turned) or while rewriting the metadata
+        # afterwards (pixels already turned); both leave a sensible picture.
+        logger.debug("Ignoring malformed EXIF: %s: %s", type(exc).__name__, exc)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any mode to a new RGB image, compositing transparency on white like transformers."""
+    if im.mode in _SIXTEEN_BIT_MODES or (im.mode == "I" and _is_sixteen_bit(im)):
+        return _sixteen_bit_to_rgb(im)
+    if im.mode in ("I", "F"):
+        # 32-bit integers or floats have no agreed white; values are clipped to 0..255.
+        values = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0)
+        return Image.fromarray(np.rint(np.clip(values, 0, 255)).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "La":
+        # Pillow cannot convert La directly; RGBa with the same premultiplied values can.
+        luminance, alpha = im.split()
+        im = Image.merge("RGBa", (luminance, luminance, luminance, alpha))
+    bands = im.getbands()
+    if "A" in bands or "a" in bands or im.info.get("transparency") is not None:
+        # transformers.image_transforms.convert_to_rgb, step for step, so vectors match theirs.
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE)
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _is_sixteen_bit(im: Image.Image) -> bool:
+    """Whether a mode "I" image holds 16-bit samples (PNG always; TIFF per BitsPerSample)."""
+    if im.format == "PNG":
+        return True
+    tags = getattr(im, "tag_v2", None)
+    bits = tags.get(258) if tags is not None else None
+    return bool(bits) and max(bits) <= 16
+
+
+def _sixteen_bit_to_rgb(im: Image.Image) -> Image.Image:
+    """Scale 16-bit grey by value (v / 257, rounded), so a 16-bit twin of an 8-bit file matches it."""
+    values = np.asarray(im)
+    if values.dtype.kind == "i":  # mode "I": signed storage, or signed 16-bit TIFF samples
+        values = np.clip(values, 0, 65535)
+    grey = _SIXTEEN_TO_EIGHT[values]
+    transparent = im.info.get("transparency")
+    if isinstance(transparent, int):
+        grey[values == transparent] = 255  # a fully transparent pixel over white is white
+    return Image.fromarray(grey, "L").convert("RGB")

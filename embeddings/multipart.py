@@ -1,0 +1,177 @@
+"""Reading multipart/form-data uploads under the service's limits, keeping every part's raw bytes.
+
+Django's own form parser decodes text fields with ``errors="replace"`` and stores files on disk; we
+need the raw bytes of each part (to refuse bad UTF-8), the parts in the order they came, and limits
+enforced while reading, so a request over a limit is refused before the rest of it is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from django.http.multipartparser import (
+    FIELD,
+    FILE,
+    ChunkIter,
+    InputStreamExhausted,
+    LazyStream,
+    MultiPartParserError,
+    Parser,
+)
+from django.http.request import UnreadablePostError
+from django.utils.datastructures import MultiValueDict
+from django.utils.http import parse_header_parameters
+from rest_framework.parsers import BaseParser, DataAndFiles
+
+from embeddings import errors
+from embeddings.conf import limits
+
+_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Part:
+    key: str
+    data: bytes
+    filename: str | None = None  # a part with a filename is a file (an image); without, a text
+    content_type: str | None = None
+
+    @property
+    def is_file(self) -> bool:
+        return self.filename is not None
+
+
+@dataclass
+class Form:
+    """The parts of one request, in the order they came. DRF exposes it as ``request.data``."""
+
+    parts: list[Part] = field(default_factory=list)
+
+    def copy(self) -> Form:
+        return Form(list(self.parts))
+
+    def update(self, other) -> None:  # DRF merges files into data; ours come in ``parts`` already
+        return None
+
+    def get(self, key, default=None):
+        return next((p for p in self.parts if p.key == key), default)
+
+    def __iter__(self):
+        return iter(p.key for p in self.parts)
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+
+def declared_length(meta) -> int | None:
+    try:
+        return int(meta.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        return None
+
+
+def check_declared_length(meta) -> None:
+    """Refuse a body whose declared length is over the request limit, before reading a byte of it."""
+    length = declared_length(meta)
+    if length is None:
+        raise errors.MalformedRequest("The Content-Length header is not a number.", code="invalid_content_length")
+    if length > limits().max_request_bytes:
+        raise errors.TooLarge(
+            f"The request body is {length} bytes; the limit is {limits().max_request_bytes} bytes.",
+            code="request_too_large",
+        )
+
+
+def read_form(stream, content_type: str, content_length: int | None) -> Form:
+    """Parse a multipart body from ``stream`` into a Form, enforcing every limit while reading."""
+    lim = limits()
+    _, params = parse_header_parameters(content_type or "")
+    boundary = params.get("boundary", "")
+    if not boundary or len(boundary) > 70 or not boundary.isascii():
+        raise errors.MalformedRequest("The multipart Content-Type has no valid boundary parameter.")
+    if content_length is not None and content_length > lim.max_request_bytes:
+        raise errors.TooLarge(
+            f"The request body is {content_length} bytes; the limit is {lim.max_request_bytes} bytes.",
+            code="request_too_large",
+        )
+    form, seen, total, preamble = Form(), set(), 0, 0
+    lazy = LazyStream(ChunkIter(stream, _CHUNK))
+    try:
+        for index, (item_type, meta, part_stream) in enumerate(Parser(lazy, boundary.encode("ascii"))):
+            if index == 0:  # the preamble before the first delimiter: ignored, as RFC 2046 says
+                for chunk in part_stream:
+                    preamble += len(chunk)
+                    total += len(chunk)
+                    _check_total(total, lim.max_request_bytes)
+                continue
+            if item_type not in (FIELD, FILE):
+                continue  # a part without headers
+            disposition = meta.get("content-disposition", ("", {}))[1]
+            key = _decode_header_value(disposition.get("name"))
+            filename = disposition.get("filename")
+            filename = None if filename is None else _decode_header_value(filename)
+            if key is None or key.strip() == "":
+                raise errors.InvalidKey("A part has no name: every part needs a key (its form field name).")
+            key = key.strip()
+            if len(key) > lim.max_key_chars:
+                raise errors.TooLarge(
+                    f"A key is {len(key)} characters long; the limit is {lim.max_key_chars}.",
+                    key=key[:64],
+                    code="key_too_long",
+                )
+            data = bytearray()
+            for chunk in part_stream:
+                data += chunk
+                total += len(chunk)
+                if len(data) > lim.max_file_bytes:
+                    raise errors.TooLarge(
+                        f"Part {key!r} is over the limit of {lim.max_file_bytes} bytes per file.",
+                        key=key,
+                        code="file_too_large",
+                    )
+                _check_total(total, lim.max_request_bytes)
+            if filename is not None and filename == "" and not data:
+                continue  # an HTML form's file input left empty
+            if key in seen:
+                raise errors.DuplicateKey(f"The key {key!r} is used by more than one part.", key=key)
+            seen.add(key)
+            if len(form.parts) >= lim.max_parts:
+                raise errors.TooLarge(
+                    f"The request has more than {lim.max_parts} parts.", code="too_many_parts"
+                )
+            content_type_header = meta.get("content-type", (None, {}))[0]
+            form.parts.append(Part(key, bytes(data), filename, content_type_header))
+    except (MultiPartParserError, InputStreamExhausted, UnreadablePostError, ValueError, OSError) as exc:
+        raise errors.MalformedRequest() from exc
+    if not form.parts and preamble:
+        raise errors.MalformedRequest(
+            "No form part was found: the body is not well-formed multipart/form-data "
+            "(each delimiter is '--' followed by the boundary)."
+        )
+    return form
+
+
+def _check_total(total: int, limit: int) -> None:
+    if total > limit:
+        raise errors.TooLarge(f"The request is over the limit of {limit} bytes.", code="request_too_large")
+
+
+def _decode_header_value(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+class ClipMultiPartParser(BaseParser):
+    """DRF parser for the embeddings API: ``request.data`` becomes a :class:`Form`."""
+
+    media_type = "multipart/form-data"
+
+    def parse(self, stream, media_type=None, parser_context=None):
+        request = parser_context["request"]
+        meta = request.META
+        check_declared_length(meta)
+        form = read_form(stream, meta.get("CONTENT_TYPE", media_type or ""), declared_length(meta))
+        return DataAndFiles(form, MultiValueDict())

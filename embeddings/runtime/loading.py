@@ -1,0 +1,163 @@
+"""Finding and loading a CLIP-family model: a hub id, a save_pretrained folder, or the original layout.
+
+The three ways to name a model (``CLIP_MODEL``):
+1. a Hugging Face id: fetched once into ``CLIP_MODELS_DIR/hub/<org>--<name>/`` (the original layout),
+   then loaded from disk on every later start, so a restart needs no network;
+2. a local folder saved with ``save_pretrained`` (model and processor in one folder);
+3. a folder in the original layout, holding ``model-clip/`` and ``processor-clip/``.
+Unset: the layout directly under ``CLIP_MODELS_DIR`` if present, else a random-weight ``vit-b-32``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from embeddings.runtime import testmodel
+
+logger = logging.getLogger(__name__)
+
+MODEL_SUBDIR, PROCESSOR_SUBDIR = "model-clip", "processor-clip"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+FALLBACK_PRESET = "vit-b-32"
+
+
+class ModelLoadError(Exception):
+    """The configured model cannot be found, fetched or used; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str  # what the API reports as "model"
+    model_dir: Path
+    processor_dir: Path
+    kind: str  # "hub", "folder", "layout" or "fallback"
+    test_model: dict | None = None  # the marker of a random-weight test model
+
+
+def hub_cache_dir(models_dir: Path, model_id: str) -> Path:
+    return Path(models_dir) / "hub" / model_id.replace("/", "--")
+
+
+def has_layout(folder: Path) -> bool:
+    return (folder / MODEL_SUBDIR / "config.json").is_file() and (folder / PROCESSOR_SUBDIR).is_dir()
+
+
+def _source(name: str, model_dir: Path, processor_dir: Path, kind: str) -> ModelSource:
+    marker = testmodel.read_marker(model_dir)
+    if marker:
+        name = f"random-test-model/{marker.get('preset')}-seed{marker.get('seed')} (random weights, not a real CLIP)"
+    return ModelSource(name, model_dir, processor_dir, kind, marker)
+
+
+def resolve_model_source(spec: str, models_dir: Path, *, allow_download: bool = True) -> ModelSource:
+    """Decide which folders to load for ``CLIP_MODEL=spec``; fetches a hub id the first time."""
+    models_dir = Path(models_dir)
+    spec = (spec or "").strip()
+    if not spec:
+        if has_layout(models_dir):
+            return _source(str(models_dir), models_dir / MODEL_SUBDIR, models_dir / PROCESSOR_SUBDIR, "layout")
+        return fallback_test_model(models_dir)
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        if has_layout(folder):
+            return _source(spec, folder / MODEL_SUBDIR, folder / PROCESSOR_SUBDIR, "layout")
+        if (folder / "config.json").is_file():
+            return _source(spec, folder, folder, "folder")
+        raise ModelLoadError(
+            f"CLIP_MODEL={spec!r} is a folder, but holds neither config.json (a save_pretrained folder) "
+            f"nor {MODEL_SUBDIR}/ and {PROCESSOR_SUBDIR}/ (the original layout)"
+        )
+    if spec.startswith(("/", "./", "../", "~")) or not _HUB_ID.match(spec):
+        raise ModelLoadError(f"CLIP_MODEL={spec!r} is neither an existing folder nor a Hugging Face model id")
+    cache = hub_cache_dir(models_dir, spec)
+    if not has_layout(cache):
+        if not allow_download:
+            raise ModelLoadError(f"{spec} is not in {cache} and downloading is off")
+        fetch_model(spec, cache)
+    source = _source(spec, cache / MODEL_SUBDIR, cache / PROCESSOR_SUBDIR, "hub")
+    return ModelSource(spec, source.model_dir, source.processor_dir, "hub", source.test_model)
+
+
+def fetch_model(model_id: str, dest: Path) -> Path:
+    """Download ``model_id`` from the hub and save it in the original layout at ``dest`` (atomically)."""
+    from transformers import AutoModel, AutoProcessor
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("Fetching %s from the Hugging Face hub into %s", model_id, dest)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
+        cache = Path(tmp) / "hf-cache"
+        try:
+            model = AutoModel.from_pretrained(model_id, cache_dir=cache)
+            processor = AutoProcessor.from_pretrained(model_id, cache_dir=cache)
+        except Exception as exc:  # noqa: BLE001 - hub errors come in many types; all mean "cannot fetch"
+            raise ModelLoadError(f"cannot fetch {model_id!r} from the Hugging Face hub: {exc}") from exc
+        _check_clip_family(model, model_id)
+        staged = Path(tmp) / "staged"
+        model.save_pretrained(staged / MODEL_SUBDIR)
+        processor.save_pretrained(staged / PROCESSOR_SUBDIR)
+        if dest.exists():
+            shutil.rmtree(dest)
+        staged.rename(dest)
+    return dest
+
+
+def fallback_test_model(models_dir: Path) -> ModelSource:
+    """Build (once) and use a random-weight vit-b-32, for a service started with no model at all."""
+    target = Path(models_dir) / "test-models" / f"{FALLBACK_PRESET}-seed0"
+    if not has_layout(target):
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            target = Path(tempfile.gettempdir()) / "clipsite-test-models" / f"{FALLBACK_PRESET}-seed0"
+        if not has_layout(target):
+            logger.warning("Building a random-weight %s test model in %s", FALLBACK_PRESET, target)
+            with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+                testmodel.build_test_model(FALLBACK_PRESET, Path(tmp) / "m", seed=0)
+                try:
+                    (Path(tmp) / "m").rename(target)
+                except OSError:  # another process finished first
+                    if not has_layout(target):
+                        raise
+    source = _source("", target / MODEL_SUBDIR, target / PROCESSOR_SUBDIR, "fallback")
+    return source
+
+
+def _check_clip_family(model, name: str) -> None:
+    if not (callable(getattr(model, "get_image_features", None)) and callable(getattr(model, "get_text_features", None))):
+        raise ModelLoadError(
+            f"{name} loads as {type(model).__name__}, which is not a CLIP-family model: "
+            "it offers no get_image_features and get_text_features"
+        )
+
+
+def load_model(source: ModelSource, *, device: str = "cpu"):
+    """Load the model (eval mode, float32) and its processor from the folders of ``source``."""
+    import torch
+    from transformers import AutoModel, AutoProcessor
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the torchvision fallback warning is expected: we run without it
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModel.from_pretrained(source.model_dir, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load a model from {source.model_dir}: {exc}") from exc
+    _check_clip_family(model, source.name or str(source.model_dir))
+    try:
+        processor = AutoProcessor.from_pretrained(source.processor_dir)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load the processor from {source.processor_dir}: {exc}") from exc
+    if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_processor", None) is None:
+        raise ModelLoadError(f"the processor in {source.processor_dir} lacks a tokenizer or an image processor")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("CLIP_DEVICE=cuda, but torch sees no CUDA device")
+    model = model.to(device).eval()
+    return model, processor, device

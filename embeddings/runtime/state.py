@@ -1,0 +1,111 @@
+"""The process-wide runtime: one model per process, loaded once, in the background when asked."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from embeddings.runtime.encoder import ClipEncoder
+from embeddings.runtime.loading import load_model, resolve_model_source
+
+logger = logging.getLogger(__name__)
+
+
+class RuntimeNotReady(Exception):
+    """The model is not loaded (yet, or it failed)."""
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    model: str
+    models_dir: Path
+    device: str
+    torch_threads: int = 0
+
+
+class Runtime:
+    """Holds the encoder of this process. ``start`` is idempotent; ``encoder()`` raises until ready."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._encoder: ClipEncoder | None = None
+        self.status = "idle"  # idle -> loading -> ready | failed
+        self.error: str | None = None
+        self.started_at: float | None = None
+        self.ready_seconds: float | None = None
+        self.config: RuntimeConfig | None = None
+
+    def encoder(self) -> ClipEncoder:
+        encoder = self._encoder
+        if encoder is None:
+            raise RuntimeNotReady(self.error or self.status)
+        return encoder
+
+    @property
+    def ready(self) -> bool:
+        return self._encoder is not None
+
+    def load(self, config: RuntimeConfig) -> ClipEncoder:
+        """Load synchronously (idempotent: a second call returns the loaded encoder)."""
+        with self._lock:
+            if self._encoder is not None:
+                return self._encoder
+            self.status, self.started_at = "loading", time.monotonic()
+            try:
+                self._set_threads(config.torch_threads)
+                source = resolve_model_source(config.model, config.models_dir)
+                model, processor, device = load_model(source, device=config.device)
+                encoder = ClipEncoder(
+                    model, processor, name=source.name, device=device, test_model=source.test_model
+                )
+                encoder.warm_up()
+            except Exception as exc:
+                self.status, self.error = "failed", str(exc)
+                raise
+            if encoder.is_test_model:
+                logger.warning(
+                    "SERVING A RANDOM-WEIGHT TEST MODEL (%s): its vectors carry no meaning. "
+                    "Set CLIP_MODEL to a real model.",
+                    encoder.name,
+                )
+            self._encoder, self.status, self.config = encoder, "ready", config
+            self.ready_seconds = time.monotonic() - self.started_at
+            logger.info("Model %s ready on %s in %.1f s", encoder.name, device, self.ready_seconds)
+            return encoder
+
+    def start(self, config: RuntimeConfig, *, on_failure=None) -> None:
+        """Load in a background thread, once; ``on_failure(exc)`` runs if loading fails."""
+        with self._lock:
+            if self._thread is not None or self._encoder is not None:
+                return
+            self._thread = threading.Thread(
+                target=self._load_in_background, args=(config, on_failure), name="clip-warmup", daemon=True
+            )
+            self._thread.start()
+
+    def _load_in_background(self, config: RuntimeConfig, on_failure) -> None:
+        try:
+            self.load(config)
+        except Exception as exc:  # noqa: BLE001 - every failure is reported the same way
+            logger.critical("Cannot load CLIP_MODEL=%r: %s", config.model, exc)
+            if on_failure is not None:
+                on_failure(exc)
+
+    @staticmethod
+    def _set_threads(threads: int) -> None:
+        import torch
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+
+    def reset(self) -> None:
+        """Forget the loaded model (tests only)."""
+        with self._lock:
+            self._encoder, self._thread, self.status, self.error, self.config = None, None, "idle", None, None
+
+
+runtime = Runtime()

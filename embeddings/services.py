@@ -1,0 +1,147 @@
+"""What an embeddings request means: validate the parts, call the runtime, shape the answer."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+
+import numpy as np
+
+from embeddings import errors
+from embeddings.conf import limits
+from embeddings.images import decode_image
+from embeddings.multipart import Part
+from embeddings.runtime.encoder import ClipEncoder, l2_normalize
+from embeddings.runtime.state import RuntimeNotReady, runtime
+
+ENCODINGS = ("float", "base64")
+
+
+@dataclass(frozen=True)
+class EncodedParts:
+    texts_keys: list[str]
+    images_keys: list[str]
+    texts_raw: np.ndarray  # (n_texts, dim) float32 projections
+    images_raw: np.ndarray
+    truncated: list[str]
+    image_hashes: list[str]
+
+
+def current_encoder() -> ClipEncoder:
+    try:
+        return runtime.encoder()
+    except RuntimeNotReady as exc:
+        raise errors.NotReady() from exc
+
+
+def text_of(part: Part, *, max_words: int) -> str:
+    """A text part's content, checked: valid UTF-8, not empty, not over the word limit."""
+    try:
+        text = part.data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise errors.InvalidText(f"Text part {part.key!r} is not valid UTF-8.", key=part.key) from exc
+    if not text.strip():
+        raise errors.EmptyText(f"Text part {part.key!r} is empty.", key=part.key)
+    words = len(text.split())
+    if words > max_words:
+        raise errors.TextTooLong(
+            f"Text part {part.key!r} has {words} words; the limit is {max_words}.", key=part.key
+        )
+    return text
+
+
+def encode_parts(parts: list[Part], *, draft_min_side: int | None = None) -> EncodedParts:
+    """Validate and embed every part; raises an ApiError naming the first part at fault."""
+    if not parts:
+        raise errors.EmptyRequest()
+    lim = limits()
+    encoder = current_encoder()
+    texts = [(p.key, text_of(p, max_words=lim.max_text_words)) for p in parts if not p.is_file]
+    decoded = [
+        (p.key, decode_image(p.data, key=p.key, max_pixels=lim.max_image_pixels, draft_min_side=draft_min_side))
+        for p in parts
+        if p.is_file
+    ]
+    dim = encoder.dim
+    texts_raw, truncated_flags = (
+        encoder.encode_texts([t for _, t in texts]) if texts else (np.zeros((0, dim), np.float32), [])
+    )
+    images_raw = (
+        encoder.encode_images([d.image for _, d in decoded]) if decoded else np.zeros((0, dim), np.float32)
+    )
+    return EncodedParts(
+        texts_keys=[k for k, _ in texts],
+        images_keys=[k for k, _ in decoded],
+        texts_raw=texts_raw,
+        images_raw=images_raw,
+        truncated=[k for (k, _), flag in zip(texts, truncated_flags, strict=True) if flag],
+        image_hashes=[d.sha256 for _, d in decoded],
+    )
+
+
+def _pair_suffix(key: str, word: str) -> str | None:
+    return key[len(word) :] if key.lower().startswith(word) else None
+
+
+def paired_keys(images_keys: list[str], texts_keys: list[str]) -> list[tuple[int, int]]:
+    """Image/text pairs whose keys agree after the word image/text (``image-1`` with ``text-1``)."""
+    by_suffix = {}
+    for j, key in enumerate(texts_keys):
+        suffix = _pair_suffix(key, "text")
+        if suffix is not None:
+            by_suffix.setdefault(suffix, j)
+    pairs = []
+    for i, key in enumerate(images_keys):
+        suffix = _pair_suffix(key, "image")
+        if suffix is not None and suffix in by_suffix:
+            pairs.append((i, by_suffix[suffix]))
+    return pairs
+
+
+def similarity_scores(images: np.ndarray, texts: np.ndarray) -> np.ndarray:
+    """100 x cosine similarity (CLIP's logit scale), images x texts."""
+    return 100.0 * (l2_normalize(images) @ l2_normalize(texts).T)
+
+
+def vector_out(vector: np.ndarray, encoding: str):
+    vector = np.asarray(vector, dtype="<f4")
+    if encoding == "base64":
+        return base64.b64encode(vector.tobytes()).decode("ascii")
+    return vector.tolist()
+
+
+def embeddings_compute(
+    *, parts: list[Part], request_id: str, normalize: bool = True, encoding: str = "float"
+) -> dict:
+    """The whole answer of ``POST /syte_test/embeddings`` for already-parsed parts."""
+    encoded = encode_parts(parts)
+    encoder = current_encoder()
+    texts = l2_normalize(encoded.texts_raw) if normalize else encoded.texts_raw
+    images = l2_normalize(encoded.images_raw) if normalize else encoded.images_raw
+    texts_out = [vector_out(v, encoding) for v in texts]
+    images_out = [vector_out(v, encoding) for v in images]
+    by_key = dict(zip(encoded.texts_keys, texts_out, strict=True)) | dict(
+        zip(encoded.images_keys, images_out, strict=True)
+    )
+    body = {
+        "request_id": request_id,
+        "model": encoder.name,
+        "dim": int(texts.shape[1] if len(texts) else images.shape[1]),
+        "normalized": normalize,
+        "encoding": encoding,
+        "texts_vectors": texts_out,
+        "images_vectors": images_out,
+        "texts_keys": encoded.texts_keys,
+        "images_keys": encoded.images_keys,
+        "vectors": {p.key: by_key[p.key] for p in parts},
+        "similarities": [],
+        "truncated": encoded.truncated,
+    }
+    if len(texts) and len(images):
+        matrix = np.round(similarity_scores(encoded.images_raw, encoded.texts_raw).astype(np.float64), 2)
+        body["similarities"] = [
+            {"image": encoded.images_keys[i], "text": encoded.texts_keys[j], "score": float(matrix[i, j])}
+            for i, j in paired_keys(encoded.images_keys, encoded.texts_keys)
+        ]
+        body["similarity_matrix"] = matrix.tolist()
+    return body

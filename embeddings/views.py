@@ -1,0 +1,81 @@
+"""Thin DRF views: parse, call a service, serialize."""
+
+from __future__ import annotations
+
+from django.http import JsonResponse
+from rest_framework.renderers import BrowsableAPIRenderer, JSONRenderer
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from embeddings import errors, services
+from embeddings.multipart import ClipMultiPartParser
+from embeddings.runtime.state import runtime
+
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def bool_param(request, name: str, default: bool) -> bool:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    value = _BOOLEANS.get(raw.strip().lower())
+    if value is None:
+        raise errors.InvalidParameter(f"{name}={raw!r} is not a boolean: use true or false.", key=name)
+    return value
+
+
+def choice_param(request, name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if raw.strip().lower() not in choices:
+        raise errors.InvalidParameter(f"{name}={raw!r} is not one of: {', '.join(choices)}.", key=name)
+    return raw.strip().lower()
+
+
+class ClipApiView(APIView):
+    """Base of the API's views: our multipart parser, JSON out (and DRF's page for browsers)."""
+
+    parser_classes = [ClipMultiPartParser]
+    renderer_classes = [JSONRenderer, BrowsableAPIRenderer]
+    authentication_classes = []  # a public API: no session, so no CSRF check on API clients
+
+    def form_parts(self, request):
+        data = request.data
+        return list(getattr(data, "parts", []))
+
+
+class EmbeddingsView(ClipApiView):
+    """Embed any mix of images (file parts) and texts (plain fields), keyed as sent."""
+
+    def post(self, request):
+        normalize = bool_param(request, "normalize", True)
+        encoding = choice_param(request, "encoding", "float", services.ENCODINGS)
+        body = services.embeddings_compute(
+            parts=self.form_parts(request), request_id=request.request_id, normalize=normalize, encoding=encoding
+        )
+        return Response(body)
+
+
+def healthz(request):
+    return JsonResponse({"status": "ok"})
+
+
+def readyz(request):
+    body = {"status": runtime.status, "ready": runtime.ready}
+    if runtime.ready:
+        encoder = runtime.encoder()
+        body |= {
+            "model": encoder.name,
+            "dim": encoder.dim,
+            "device": encoder.device,
+            "test_model": encoder.is_test_model,
+            "ready_seconds": round(runtime.ready_seconds or 0.0, 3),
+        }
+    return JsonResponse(body, status=200 if runtime.ready else 503)
+
+
+def api_not_found(request, *args, **kwargs):
+    request_id = getattr(request, "request_id", None)
+    body = errors.error_body(request_id, "not_found", errors.NotFound.default_detail)
+    return JsonResponse(body, status=404)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The service's start: the container's CMD, and what ./run.sh runs after its set-up.
+# Checks the configuration, prepares the database and static files, makes sure the model is on disk
+# (fetching a hub id once into CLIP_MODELS_DIR), then serves with gunicorn on 0.0.0.0:$PORT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+
+"$PYTHON" manage.py check --fail-level ERROR
+"$PYTHON" manage.py migrate --noinput
+"$PYTHON" manage.py collectstatic --noinput -v 0
+"$PYTHON" manage.py prepare_model
+exec "$PYTHON" -m gunicorn -c clipsite/gunicorn.conf.py

@@ -1,0 +1,285 @@
+"""The embeddings API over Django's test client: shapes, options and every error code."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from embeddings.runtime.state import runtime
+from tests.conftest import gradient_image, image_bytes, multipart_body, photo_bytes
+
+URL = "/syte_test/embeddings"
+
+
+def upload(data: bytes, name: str = "photo.jpg"):
+    f = io.BytesIO(data)
+    f.name = name
+    return f
+
+
+def post(client, parts: dict, path: str = URL, **extra):
+    return client.post(path, data=parts, **extra)
+
+
+def post_raw(client, parts: list[tuple], path: str = URL, **extra):
+    body, content_type = multipart_body(parts)
+    return client.generic("POST", path, body, content_type=content_type, **extra)
+
+
+@pytest.fixture
+def jpeg() -> bytes:
+    return photo_bytes("chelsea.jpg")
+
+
+def test_original_example_returns_both_vectors_and_their_similarity(client, clip, jpeg):
+    response = post(
+        client,
+        {"image-1": upload(jpeg, "cat.jpg"), "text-1": "a photo of a cat sitting on a couch"},
+        headers={"request_id": "1"},
+    )
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert body["request_id"] == "1"
+    assert response["request_id"] == "1"
+    assert body["model"] == clip.name
+    assert body["dim"] == clip.dim == len(body["texts_vectors"][0]) == len(body["images_vectors"][0])
+    assert body["texts_keys"] == ["text-1"] and body["images_keys"] == ["image-1"]
+    assert body["vectors"]["text-1"] == body["texts_vectors"][0]
+    assert body["vectors"]["image-1"] == body["images_vectors"][0]
+    image, text = np.array(body["images_vectors"][0]), np.array(body["texts_vectors"][0])
+    assert np.linalg.norm(image) == pytest.approx(1.0, abs=1e-5)
+    expected = round(float(100 * image @ text), 2)
+    assert body["similarities"] == [{"image": "image-1", "text": "text-1", "score": pytest.approx(expected, abs=0.011)}]
+    assert body["similarity_matrix"] == [[body["similarities"][0]["score"]]]
+    assert body["truncated"] == []
+
+
+def test_clip_path_and_doubled_slash_reach_the_same_view(client, clip):
+    # The test client parses "//x" as a host; the raw path goes in the WSGI environ (gunicorn: test_server).
+    for path in ("/syte_test/clip", "//syte_test/embeddings", "//syte_test/clip"):
+        response = post(client, {"text-1": "hello"}, PATH_INFO=path)
+        assert response.status_code == 200, (path, response.content)
+        assert response.json()["texts_keys"] == ["text-1"]
+
+
+def test_vectors_follow_the_order_and_keys_sent(client, clip):
+    img_a, img_b = image_bytes(gradient_image(seed=1)), image_bytes(gradient_image(200, 300, seed=2))
+    parts = [("zeta", "first text", None), ("pic_b", img_b, "b.png"), ("alpha", "second text", None),
+             ("pic_a", img_a, "a.png")]
+    response = post_raw(client, parts)
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert body["texts_keys"] == ["zeta", "alpha"]
+    assert body["images_keys"] == ["pic_b", "pic_a"]
+    assert list(body["vectors"]) == ["zeta", "pic_b", "alpha", "pic_a"]
+    assert body["similarities"] == []  # no key pairs image-X / text-X
+    assert np.array(body["similarity_matrix"]).shape == (2, 2)
+    texts, _ = clip.encode_texts(["first text", "second text"])
+    texts /= np.linalg.norm(texts, axis=1, keepdims=True)
+    assert np.allclose(body["texts_vectors"], texts, atol=1e-5)
+
+
+def test_only_texts_leaves_images_empty_and_no_matrix(client, clip):
+    body = post(client, {"text-1": "a dog", "text-2": "a cat"}).json()
+    assert body["images_vectors"] == [] and body["images_keys"] == []
+    assert "similarity_matrix" not in body
+    assert body["similarities"] == []
+
+
+def test_pairs_are_matched_by_suffix(client, clip):
+    img = image_bytes(gradient_image())
+    parts = [("image_7", img, "x.png"), ("text_7", "seven", None), ("image-1", img, "y.png"), ("text-1", "one", None),
+             ("text-9", "nine", None)]
+    body = post_raw(client, parts).json()
+    assert [(s["image"], s["text"]) for s in body["similarities"]] == [("image_7", "text_7"), ("image-1", "text-1")]
+
+
+def test_normalize_false_returns_raw_projections(client, clip):
+    body = post(client, {"t": "a red car"}, path=URL + "?normalize=false").json()
+    raw, _ = clip.encode_texts(["a red car"])
+    assert np.allclose(body["texts_vectors"][0], raw[0], atol=1e-5)
+    assert body["normalized"] is False
+
+
+def test_base64_encoding_is_little_endian_float32(client, clip):
+    plain = post(client, {"t": "a red car"}).json()
+    packed = post(client, {"t": "a red car"}, path=URL + "?encoding=base64").json()
+    decoded = np.frombuffer(base64.b64decode(packed["vectors"]["t"]), dtype="<f4")
+    assert decoded.tolist() == pytest.approx(plain["vectors"]["t"], abs=1e-7)
+    assert len(packed["vectors"]["t"]) < len(str(plain["vectors"]["t"])) / 3
+
+
+@pytest.mark.parametrize("query", ["normalize=maybe", "encoding=hex"])
+def test_bad_query_parameter_is_400(client, clip, query):
+    response = post(client, {"t": "x"}, path=f"{URL}?{query}")
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_parameter"
+
+
+def test_long_text_is_truncated_and_reported(client, clip):
+    text = " ".join(["supercalifragilistic"] * 30)  # 30 words, far more than 77 tokens
+    body = post(client, {"long": text, "short": "hi"}).json()
+    assert body["truncated"] == ["long"]
+
+
+def test_request_id_variants(client, clip):
+    for header in ("Request-Id", "X-Request-ID"):
+        response = post(client, {"t": "x"}, headers={header: "abc-42"})
+        assert response.json()["request_id"] == "abc-42" and response["request_id"] == "abc-42"
+    generated = post(client, {"t": "x"}).json()["request_id"]
+    assert len(generated) == 36 and generated.count("-") == 4
+    for bad in ("x" * 129, "caf\u00e9", "a\tb"):
+        response = post(client, {"t": "x"}, headers={"X-Request-ID": bad})
+        assert response.json()["request_id"] != bad and len(response.json()["request_id"]) == 36
+
+
+def error_of(response, status: int) -> dict:
+    assert response.status_code == status, response.content
+    body = response.json()
+    assert set(body) == {"request_id", "error"}
+    assert response["request_id"] == body["request_id"]
+    return body["error"]
+
+
+def test_empty_request_is_400(client, clip):
+    assert error_of(post_raw(client, []), 400)["code"] == "empty_request"
+
+
+def test_empty_text_is_400(client, clip):
+    error = error_of(post(client, {"blank": "   "}), 400)
+    assert error["code"] == "empty_text" and error["key"] == "blank"
+
+
+def test_invalid_utf8_text_is_400(client, clip):
+    error = error_of(post_raw(client, [("bad", b"caf\xe9 \xff", None)]), 400)
+    assert error["code"] == "invalid_text" and error["key"] == "bad"
+
+
+def test_text_over_word_limit_is_400(client, clip, settings):
+    settings.CLIP_MAX_TEXT_WORDS = 5
+    error = error_of(post(client, {"t": "one two three four five six"}), 400)
+    assert error["code"] == "text_too_long" and error["key"] == "t"
+    assert post(client, {"t": "one two three four five"}).status_code == 200
+
+
+def test_not_an_image_is_400(client, clip):
+    error = error_of(post(client, {"img": upload(b"this is just text", "fake.jpg")}), 400)
+    assert error["code"] == "invalid_image" and error["key"] == "img"
+
+
+def test_unsupported_image_format_is_415(client, clip):
+    ico = image_bytes(gradient_image(32, 32), "ICO")
+    error = error_of(post(client, {"icon": upload(ico, "x.ico")}), 415)
+    assert error["code"] == "unsupported_image"
+
+
+def test_duplicate_key_is_400(client, clip):
+    error = error_of(post_raw(client, [("k", "one", None), ("k", "two", None)]), 400)
+    assert error["code"] == "duplicate_key" and error["key"] == "k"
+
+
+def test_not_multipart_is_415(client, clip):
+    error = error_of(client.post(URL, data={"t": "x"}, content_type="application/json"), 415)
+    assert error["code"] == "unsupported_media_type"
+
+
+def test_malformed_multipart_is_400(client, clip):
+    # The original spec's body: delimiters without the leading "--".
+    body = b'boundary\r\nContent-Disposition: form-data; name="text-1"\r\n\r\nhello\r\nboundary--\r\n'
+    response = client.generic("POST", URL, body, content_type="multipart/form-data; boundary=boundary")
+    assert error_of(response, 400)["code"] == "malformed_multipart"
+
+
+def test_wrong_method_is_405_in_the_api_shape(client, clip):
+    response = client.get(URL, headers={"Accept": "application/json"})
+    assert error_of(response, 405)["code"] == "method_not_allowed"
+    response = client.put(URL, headers={"Accept": "application/json"})
+    assert error_of(response, 405)["code"] == "method_not_allowed"
+
+
+def test_unknown_api_path_is_404_in_the_api_shape(client):
+    assert error_of(client.get("/syte_test/nothing-here"), 404)["code"] == "not_found"
+
+
+def test_not_ready_is_503(client, tiny_model_dir):
+    runtime.reset()
+    try:
+        response = post(client, {"t": "x"})
+        assert error_of(response, 503)["code"] == "not_ready"
+        assert response["Retry-After"]
+        assert client.get("/readyz").status_code == 503
+        assert client.get("/healthz").status_code == 200
+    finally:
+        runtime.reset()
+
+
+def test_readyz_reports_the_model(client, clip):
+    body = client.get("/readyz").json()
+    assert body["ready"] is True and body["model"] == clip.name and body["test_model"] is True
+    assert "random" in body["model"]
+
+
+# --- limits ------------------------------------------------------------------------------------
+def test_file_over_byte_limit_is_413(client, clip, settings):
+    settings.CLIP_MAX_FILE_BYTES = 1000
+    error = error_of(post(client, {"big": upload(b"\xff" * 2000, "big.jpg")}), 413)
+    assert error["code"] == "file_too_large" and error["key"] == "big"
+
+
+def test_request_over_byte_limit_is_413_before_reading(client, clip, settings):
+    settings.CLIP_MAX_REQUEST_BYTES = 5000
+    settings.CLIP_MAX_FILE_BYTES = 10_000
+    error = error_of(post(client, {"big": upload(b"\xff" * 6000, "big.jpg")}), 413)
+    assert error["code"] == "request_too_large"
+
+
+def test_image_over_pixel_limit_is_413(client, clip, settings):
+    settings.CLIP_MAX_IMAGE_PIXELS = 100 * 100
+    error = error_of(post(client, {"px": upload(image_bytes(gradient_image(200, 200)), "px.png")}), 413)
+    assert error["code"] == "image_too_large" and error["key"] == "px"
+
+
+def test_too_many_parts_is_413(client, clip, settings):
+    settings.CLIP_MAX_PARTS = 3
+    error = error_of(post(client, {f"t{i}": "x" for i in range(4)}), 413)
+    assert error["code"] == "too_many_parts"
+
+
+def test_key_over_character_limit_is_413(client, clip, settings):
+    settings.CLIP_MAX_KEY_CHARS = 10
+    error = error_of(post(client, {"k" * 11: "x"}), 413)
+    assert error["code"] == "key_too_long"
+
+
+def test_empty_image_file_input_is_ignored_like_an_unfilled_form_field(client, clip):
+    body = post_raw(client, [("t", "x", None), ("file", b"", "")]).json()
+    assert body["texts_keys"] == ["t"] and body["images_keys"] == []
+
+
+def test_rgba_png_and_greyscale_are_accepted(client, clip):
+    rgba = gradient_image(mode="RGBA")
+    grey = gradient_image(mode="L")
+    parts = [("rgba", image_bytes(rgba), "a.png"), ("grey", image_bytes(grey, "JPEG"), "g.jpg")]
+    body = post_raw(client, parts).json()
+    assert body["images_keys"] == ["rgba", "grey"]
+
+
+def test_no_internal_text_leaks_from_a_failing_model(client, clip, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("secret internal detail /etc/passwd")
+
+    monkeypatch.setattr(clip, "encode_texts", boom)
+    response = post(client, {"t": "x"})
+    error = error_of(response, 500)
+    assert error["code"] == "internal_error" and "secret" not in response.content.decode()
+
+
+def test_image_bytes_are_never_a_text(client, clip):
+    img = Image.new("RGB", (10, 10))
+    # A file part is an image whatever its name; a part without filename is a text, even if binary.
+    response = post_raw(client, [("x", image_bytes(img), None)])
+    assert error_of(response, 400)["code"] == "invalid_text"

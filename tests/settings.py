@@ -1,0 +1,7 @@
+"""Settings for the test suite: the product's settings, with the model loaded by fixtures instead."""
+
+from clipsite.settings import *  # noqa: F403
+
+CLIP_WARMUP = False  # fixtures load the tiny test model into the runtime themselves
+STORAGES["staticfiles"]["BACKEND"] = "django.contrib.staticfiles.storage.StaticFilesStorage"  # noqa: F405
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast logins in admin tests

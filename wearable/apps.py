@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class WearableConfig(AppConfig):
+    name = "wearable"
+    verbose_name = "Wearable categories"
