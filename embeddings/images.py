@@ -22,6 +22,7 @@ import logging
 import struct
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,8 +66,12 @@ def decode_image(
     """Decode uploaded bytes into an upright RGB image, or raise an ``ApiError`` naming ``key``.
 
     ``max_pixels`` bounds width * height as stated in the header, checked before decoding (Pillow's
-    own ``Image.MAX_IMAGE_PIXELS`` guard applies as well). With ``draft_min_side``, a large JPEG is
-    decoded by libjpeg at 1/2, 1/4 or 1/8 scale, keeping its shortest side >= 2 * draft_min_side.
+    own ``Image.MAX_IMAGE_PIXELS`` guard applies as well). Only the first frame of an animated or
+    multi-page file is read; the size checked is the one Pillow reports after reading that frame's
+    header (for GIF, the canvas grown to fit it), and later frames are never touched.
+
+    With ``draft_min_side``, a large JPEG is decoded by libjpeg at 1/2, 1/4 or 1/8 scale, keeping its
+    shortest side >= 2 * draft_min_side. EXIF orientation is applied after that.
 
     Raises ``InvalidImage`` (400) for bytes that are not a sound image, ``UnsupportedImage`` (415)
     for a format Pillow knows but we do not accept, ``TooLarge`` (413, code ``image_too_large``)
@@ -80,15 +85,18 @@ def decode_image(
         raise InvalidImage("The image file is empty.", key=key)
     digest = hashlib.sha256(data).hexdigest()
 
-    # Pillow warns (and past twice its limit, raises) about decompression bombs. Make the warning an
-    # error so it cannot slip through as a log line. Before Python 3.14 catch_warnings swaps global
-    # state, so a race between threads can at worst leave this one narrow filter in place.
+    # Pillow warns (and past twice its limit, raises) about decompression bombs: make the warning an
+    # error so it cannot slip through as a log line. Its UserWarnings are about flaws in the bytes
+    # (corrupt EXIF...) that it works around; silence them, or a "-W error" run would refuse a
+    # sound photo. Until Python 3.14 catch_warnings swaps process-wide state, so threads can race;
+    # a filter left behind that way only concerns these warnings of Pillow's.
     with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             with _open_supported(data, key) as im:
                 fmt = im.format
-                original_size = im.size
+                original_size = _stored_size(im)
                 _check_pixel_count(im.size, max_pixels, key)
                 if fmt == "PNG":
                     _check_png_chunks(data, key)
@@ -120,15 +128,50 @@ def _open_supported(data: bytes, key: str | None) -> Image.Image:
         return Image.open(io.BytesIO(data), formats=_OPENERS)
     except Image.UnidentifiedImageError:
         pass
-    # Only now let every plugin look at the bytes, just to name the format; nothing is loaded.
+    fmt = _unsupported_format_of(data)
+    if fmt is None:
+        raise InvalidImage("The file is not an image in a format the server can read.", key=key)
+    # The name stays out of the message: magic numbers collide (a TGA file can start like a CUR).
+    logger.debug("Refusing an image that looks like %s for key %r", fmt, key)
+    raise UnsupportedImage("This image format is not supported; send JPEG, PNG, WebP, GIF, BMP or TIFF.", key=key)
+
+
+def _unsupported_format_of(data: bytes) -> str | None:
+    """Name the format of bytes no supported plugin would open, without decoding a pixel.
+
+    Plugins with a magic number are asked about the first bytes only: opening is not always
+    header-only (Pillow's ICO opener decodes the icon, which may be an embedded PNG of any size).
+    The few without one (TGA, IM, SPIDER...) can only tell by opening; their openers read headers.
+    """
+    Image.init()
+    prefix = data[:16]
+    no_magic = []
+    for fmt, (_, accept) in Image.OPEN.items():
+        if fmt in SUPPORTED_FORMATS:
+            continue
+        if accept is None:
+            no_magic.append(fmt)
+        elif _accepts(accept, prefix):
+            return fmt
     try:
-        with Image.open(io.BytesIO(data)) as other:
-            fmt = other.format
+        with Image.open(io.BytesIO(data), formats=no_magic) as im:
+            return im.format
     except Image.UnidentifiedImageError:
-        raise InvalidImage("The file is not an image in a format the server can read.", key=key) from None
-    raise UnsupportedImage(
-        f"{fmt} images are not supported; send JPEG, PNG, WebP, GIF, BMP or TIFF.", key=key
-    )
+        return None
+
+
+def _accepts(accept: Callable[[bytes], bool | str], prefix: bytes) -> bool:
+    try:
+        return bool(accept(prefix))  # a str means "this format, but its codec is not installed"
+    except (IndexError, TypeError, ValueError, struct.error):  # as Image.open tolerates them
+        return False
+
+
+def _stored_size(im: Image.Image) -> tuple[int, int]:
+    """The size as stored; Pillow's TIFF opener already reports it turned by the orientation tag."""
+    if im.format == "TIFF":
+        return im.tag_v2[256], im.tag_v2[257]  # ImageWidth, ImageLength
+    return im.size
 
 
 def _check_pixel_count(size: tuple[int, int], max_pixels: int, key: str | None) -> None:
@@ -184,7 +227,7 @@ def _apply_exif_orientation(im: Image.Image) -> None:
     """Turn the loaded image upright in place; malformed EXIF leaves it as stored."""
     try:
         ImageOps.exif_transpose(im, in_place=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - metadata, however broken, must not fail an upload
         # Raised either while reading the tag (nothing turned) or while rewriting the metadata
         # afterwards (pixels already turned); both leave a sensible picture.
         logger.debug("Ignoring malformed EXIF: %s: %s", type(exc).__name__, exc)
@@ -195,9 +238,11 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in _SIXTEEN_BIT_MODES or (im.mode == "I" and _is_sixteen_bit(im)):
         return _sixteen_bit_to_rgb(im)
     if im.mode in ("I", "F"):
-        # 32-bit integers or floats have no agreed white; values are clipped to 0..255.
-        values = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0)
-        return Image.fromarray(np.rint(np.clip(values, 0, 255)).astype(np.uint8), "L").convert("RGB")
+        # 32-bit integers or floats have no agreed white: values are clipped to 0..255 (NaN is 0).
+        values = np.asarray(im)
+        if values.dtype.kind == "f":
+            values = np.rint(np.nan_to_num(values, nan=0.0))
+        return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), "L").convert("RGB")
     if im.mode == "La":
         # Pillow cannot convert La directly; RGBa with the same premultiplied values can.
         luminance, alpha = im.split()

@@ -136,9 +136,7 @@ def read_form(stream, content_type: str, content_length: int | None) -> Form:
                 raise errors.DuplicateKey(f"The key {key!r} is used by more than one part.", key=key)
             seen.add(key)
             if len(form.parts) >= lim.max_parts:
-                raise errors.TooLarge(
-                    f"The request has more than {lim.max_parts} parts.", code="too_many_parts"
-                )
+                raise errors.TooLarge(f"The request has more than {lim.max_parts} parts.", code="too_many_parts")
             content_type_header = meta.get("content-type", (None, {}))[0]
             form.parts.append(Part(key, bytes(data), filename, content_type_header))
     except (MultiPartParserError, InputStreamExhausted, UnreadablePostError, ValueError, OSError) as exc:

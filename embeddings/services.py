@@ -44,9 +44,7 @@ def text_of(part: Part, *, max_words: int) -> str:
         raise errors.EmptyText(f"Text part {part.key!r} is empty.", key=part.key)
     words = len(text.split())
     if words > max_words:
-        raise errors.TextTooLong(
-            f"Text part {part.key!r} has {words} words; the limit is {max_words}.", key=part.key
-        )
+        raise errors.TextTooLong(f"Text part {part.key!r} has {words} words; the limit is {max_words}.", key=part.key)
     return text
 
 
@@ -66,9 +64,7 @@ def encode_parts(parts: list[Part], *, draft_min_side: int | None = None) -> Enc
     texts_raw, truncated_flags = (
         encoder.encode_texts([t for _, t in texts]) if texts else (np.zeros((0, dim), np.float32), [])
     )
-    images_raw = (
-        encoder.encode_images([d.image for _, d in decoded]) if decoded else np.zeros((0, dim), np.float32)
-    )
+    images_raw = encoder.encode_images([d.image for _, d in decoded]) if decoded else np.zeros((0, dim), np.float32)
     return EncodedParts(
         texts_keys=[k for k, _ in texts],
         images_keys=[k for k, _ in decoded],
@@ -110,9 +106,7 @@ def vector_out(vector: np.ndarray, encoding: str):
     return vector.tolist()
 
 
-def embeddings_compute(
-    *, parts: list[Part], request_id: str, normalize: bool = True, encoding: str = "float"
-) -> dict:
+def embeddings_compute(*, parts: list[Part], request_id: str, normalize: bool = True, encoding: str = "float") -> dict:
     """The whole answer of ``POST /syte_test/embeddings`` for already-parsed parts."""
     encoded = encode_parts(parts)
     encoder = current_encoder()

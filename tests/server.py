@@ -73,6 +73,7 @@ def server_env(tmp: Path, model: str | Path, **extra: str) -> dict[str, str]:
         "CLIP_MODELS_DIR": str(tmp / "models"),
         "DATABASE_URL": f"sqlite:///{tmp / 'db.sqlite3'}",
         "DJANGO_DEBUG": "false",
+        "DJANGO_SETTINGS_MODULE": "clipsite.settings",
         "WEB_CONCURRENCY": "1",
         **extra,
     }

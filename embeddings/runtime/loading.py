@@ -129,7 +129,9 @@ def fallback_test_model(models_dir: Path) -> ModelSource:
 
 
 def _check_clip_family(model, name: str) -> None:
-    if not (callable(getattr(model, "get_image_features", None)) and callable(getattr(model, "get_text_features", None))):
+    if not (
+        callable(getattr(model, "get_image_features", None)) and callable(getattr(model, "get_text_features", None))
+    ):
         raise ModelLoadError(
             f"{name} loads as {type(model).__name__}, which is not a CLIP-family model: "
             "it offers no get_image_features and get_text_features"

@@ -19,9 +19,7 @@ _OPENAI_TOKEN_IDS = {"bos": 49406, "eos": 49407}
 
 # openai/clip-vit-base-patch32 and openai/clip-vit-large-patch14, field by field.
 _B32_TEXT = dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_hidden_layers=12)
-_B32_VISION = dict(
-    hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, patch_size=32
-)
+_B32_VISION = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, patch_size=32)
 _L14_TEXT = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12)
 _L14_VISION = dict(
     hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24, patch_size=14
@@ -104,7 +102,10 @@ def build_clip_config(preset: str):
         pad_token_id=1,
     )
     common_vision = dict(
-        image_size=224, num_channels=3, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+        image_size=224,
+        num_channels=3,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
         projection_dim=spec["projection_dim"],
     )
     return CLIPConfig(

@@ -68,8 +68,12 @@ def test_clip_path_and_doubled_slash_reach_the_same_view(client, clip):
 
 def test_vectors_follow_the_order_and_keys_sent(client, clip):
     img_a, img_b = image_bytes(gradient_image(seed=1)), image_bytes(gradient_image(200, 300, seed=2))
-    parts = [("zeta", "first text", None), ("pic_b", img_b, "b.png"), ("alpha", "second text", None),
-             ("pic_a", img_a, "a.png")]
+    parts = [
+        ("zeta", "first text", None),
+        ("pic_b", img_b, "b.png"),
+        ("alpha", "second text", None),
+        ("pic_a", img_a, "a.png"),
+    ]
     response = post_raw(client, parts)
     assert response.status_code == 200, response.content
     body = response.json()
@@ -92,8 +96,13 @@ def test_only_texts_leaves_images_empty_and_no_matrix(client, clip):
 
 def test_pairs_are_matched_by_suffix(client, clip):
     img = image_bytes(gradient_image())
-    parts = [("image_7", img, "x.png"), ("text_7", "seven", None), ("image-1", img, "y.png"), ("text-1", "one", None),
-             ("text-9", "nine", None)]
+    parts = [
+        ("image_7", img, "x.png"),
+        ("text_7", "seven", None),
+        ("image-1", img, "y.png"),
+        ("text-1", "one", None),
+        ("text-9", "nine", None),
+    ]
     body = post_raw(client, parts).json()
     assert [(s["image"], s["text"]) for s in body["similarities"]] == [("image_7", "text_7"), ("image-1", "text-1")]
 

@@ -17,7 +17,7 @@ TEXTS = [
     "An astronaut in a white space suit, holding a flag.",
     "coffee",
     "Zwei Hunde spielen im Schnee 🐕",
-    " ".join(["word"] * 49),  # near the word limit, and over CLIP's 77-token context
+    " ".join(["supercalifragilisticexpialidocious"] * 40),  # under the word limit, over the 77-token context
 ]
 
 

@@ -36,12 +36,20 @@ def test_vit_b_32_preset_is_openai_clip_vit_base_patch32():
     config = testmodel.build_clip_config("vit-b-32")
     v, t = config.vision_config, config.text_config
     assert (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.patch_size, v.image_size) == (
-        768, 12, 12, 32, 224)
+        768,
+        12,
+        12,
+        32,
+        224,
+    )
     assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.vocab_size) == (512, 12, 8, 49408)
     assert config.projection_dim == 512 and v.hidden_act == t.hidden_act == "quick_gelu"
     l14 = testmodel.build_clip_config("vit-l-14")
     assert (l14.vision_config.hidden_size, l14.vision_config.num_hidden_layers, l14.vision_config.patch_size) == (
-        1024, 24, 14)
+        1024,
+        24,
+        14,
+    )
     assert l14.projection_dim == 768
 
 
@@ -132,8 +140,9 @@ def test_a_model_that_is_not_clip_family_is_refused(tmp_path, tiny_model_dir):
     from transformers import BertConfig, BertModel
 
     folder = tmp_path / "bert"
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)).save_pretrained(
-        folder)
+    BertModel(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)
+    ).save_pretrained(folder)
     for f in (tiny_model_dir / "processor-clip").iterdir():
         shutil.copy(f, folder / f.name)
     with pytest.raises(loading.ModelLoadError, match="not a CLIP-family model"):

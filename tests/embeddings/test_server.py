@@ -63,9 +63,9 @@ def test_doubled_slash_through_gunicorn(server):
 
 def test_declared_length_over_limit_is_refused_before_the_body_is_sent(server):
     head = (
-        "POST /syte_test/embeddings HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-        "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 200000000\r\n\r\n"
-    ).encode()
+        b"POST /syte_test/embeddings HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 200000000\r\n\r\n"
+    )
     started = time.monotonic()
     status, headers, payload = raw_http(server.port, head, timeout=10)  # sends no body at all
     assert status == 413 and json.loads(payload)["error"]["code"] == "request_too_large"
@@ -86,7 +86,7 @@ def test_a_client_that_hangs_up_mid_body_does_not_hurt_others(server):
     with socket.create_connection(("127.0.0.1", server.port)) as s:
         s.sendall(
             b"POST /syte_test/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-            b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"t\"\r\n\r\nabc"
+            b'Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name="t"\r\n\r\nabc'
         )
     body, content_type = multipart_body([("text-1", "still serving", None)])
     status, _, _ = raw_http(server.port, request_bytes("/syte_test/embeddings", body, content_type))

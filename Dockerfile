@@ -1,0 +1,32 @@
+# clipsite: CPU image. The model named by CLIP_MODEL is fetched at container start into the
+# /home/models/clip_models volume, unless it is already there.
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    CLIP_MODELS_DIR=/home/models/clip_models \
+    HF_HOME=/home/models/hf-home \
+    PORT=8081
+
+RUN groupadd --system clip \
+    && useradd --system --gid clip --create-home --home-dir /home/clip clip \
+    && mkdir -p /home/models/clip_models /app/var \
+    && chown -R clip:clip /home/models /app
+
+WORKDIR /app
+
+# CPU build of torch (the default wheel on Linux carries CUDA, several GB we would never use).
+COPY requirements.txt .
+RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu -r requirements.txt
+
+COPY --chown=clip:clip . .
+USER clip
+RUN python manage.py collectstatic --noinput -v 0
+
+VOLUME ["/home/models/clip_models"]
+EXPOSE 8081
+HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
+    CMD python -c "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ.get(\"PORT\", \"8081\")}/readyz', timeout=4)" || exit 1
+
+CMD ["./scripts/start.sh"]
