@@ -70,8 +70,8 @@ def env_choice(name: str, default: str, choices: Sequence[str]) -> str:
     return value.lower()
 
 
-def env_list(name: str, default: Sequence[str]) -> list[str]:
+def env_list(name: str, default: Sequence[str], *, separator: str = ",") -> list[str]:
     value = _raw(name)
     if value is None or value == "":
         return list(default)
-    return [item.strip() for item in value.split(",") if item.strip()]
+    return [item.strip() for item in value.split(separator) if item.strip()]

@@ -131,6 +131,15 @@ CLIP_DEVICE = env_choice("CLIP_DEVICE", "cpu", ("cpu", "cuda", "auto"))
 # Load the model in the background at process start (the server); tests load it themselves.
 CLIP_WARMUP = env_bool("CLIP_WARMUP", True)
 CLIP_TORCH_THREADS = env_int("CLIP_TORCH_THREADS", 0, minimum=0, maximum=256)
+# Batching across requests (one inference thread per process): batch size, how long a batch that is
+# not full waits for more, and how many items may queue before requests get 503 "overloaded".
+CLIP_MAX_BATCH = env_int("CLIP_MAX_BATCH", 32, minimum=1, maximum=1024)
+CLIP_MAX_WAIT_MS = env_int("CLIP_MAX_WAIT_MS", 2, minimum=0, maximum=10_000)
+CLIP_MAX_QUEUE = env_int("CLIP_MAX_QUEUE", 1024, minimum=1, maximum=1_000_000)
+# "torch" (float32 eager) or "onnx" (ONNX Runtime); CLIP_QUANTIZE=int8 (onnx only) quantises weights
+# per channel, exported and quantised once and cached next to the model.
+CLIP_RUNTIME = env_choice("CLIP_RUNTIME", "torch", ("torch", "onnx"))
+CLIP_QUANTIZE = env_choice("CLIP_QUANTIZE", "none", ("none", "int8"))
 
 CLIP_MAX_TEXT_WORDS = env_int("CLIP_MAX_TEXT_WORDS", 50, minimum=1, maximum=10_000)
 CLIP_MAX_FILE_BYTES = env_int("CLIP_MAX_FILE_BYTES", 20 * 1024 * 1024, minimum=1)
@@ -158,3 +167,18 @@ LOGGING = {
 # --- Serving (read by clipsite/gunicorn.conf.py) --------------------------------------------------
 WEB_CONCURRENCY = env_int("WEB_CONCURRENCY", 1, minimum=1, maximum=64)
 WEB_THREADS = env_int("WEB_THREADS", 8, minimum=1, maximum=256)
+
+# --- Wearable categories ----------------------------------------------------------------------
+# Prompt templates of the zero-shot recipe ("{}" is the category name); a category may list its own
+# prompts instead. A category's vector is the normalised mean of its prompts' vectors.
+WEARABLE_PROMPT_TEMPLATES = env_list(
+    "WEARABLE_PROMPT_TEMPLATES",
+    ["a photo of a {}.", "a photo of a person wearing a {}.", "a close-up photo of a {}."],
+    separator="|",
+)
+WEARABLE_TOP_K = env_int("WEARABLE_TOP_K", 3, minimum=1, maximum=1000)
+# Keep the uploaded image bytes with each recorded prediction (off: only its SHA-256 is kept).
+WEARABLE_STORE_IMAGES = env_bool("WEARABLE_STORE_IMAGES", False)
+
+if CLIP_QUANTIZE == "int8" and CLIP_RUNTIME != "onnx":
+    CONFIG_ERRORS.append(("CLIP_QUANTIZE", "CLIP_QUANTIZE=int8 needs CLIP_RUNTIME=onnx"))

@@ -36,4 +36,9 @@ def runtime_config():
         models_dir=settings.CLIP_MODELS_DIR,
         device=settings.CLIP_DEVICE,
         torch_threads=settings.CLIP_TORCH_THREADS,
+        max_batch=settings.CLIP_MAX_BATCH,
+        max_wait_ms=settings.CLIP_MAX_WAIT_MS,
+        max_queue=settings.CLIP_MAX_QUEUE,
+        backend=settings.CLIP_RUNTIME,
+        quantize=settings.CLIP_QUANTIZE,
     )

@@ -134,6 +134,7 @@ def api_exception_handler(exc: Exception, context: dict) -> Response:
     """DRF's EXCEPTION_HANDLER: every API error leaves in one JSON shape with the request_id."""
     request_id = _request_id_of(context)
     headers = {}
+    exc = _from_runtime(exc)
     if isinstance(exc, ApiError):
         status_code, code, message, key = exc.status_code, exc.code, exc.message, exc.key
         if isinstance(exc, NotReady | Overloaded):
@@ -157,9 +158,56 @@ def api_exception_handler(exc: Exception, context: dict) -> Response:
     return response
 
 
+def _from_runtime(exc: Exception) -> Exception:
+    """The runtime knows nothing of HTTP: its two expected failures map onto API errors here."""
+    from embeddings.runtime.batching import QueueFull
+    from embeddings.runtime.state import RuntimeNotReady
+
+    if isinstance(exc, QueueFull):
+        return Overloaded()
+    if isinstance(exc, RuntimeNotReady):
+        return NotReady()
+    return exc
+
+
 def _plain_detail(detail) -> str:
     if isinstance(detail, list | tuple):
         return " ".join(_plain_detail(d) for d in detail)
     if isinstance(detail, dict):
         return " ".join(f"{k}: {_plain_detail(v)}" for k, v in detail.items())
     return str(detail)
+
+
+# --- The wearable API (wearable/) ------------------------------------------------------------------
+class NoImage(BadRequest):
+    default_code = "no_image"
+    default_detail = "Send exactly one image file part; the request has none."
+
+
+class TooManyImages(BadRequest):
+    default_code = "too_many_images"
+    default_detail = "Send exactly one image file part; the request has more than one."
+
+
+class UnexpectedText(BadRequest):
+    default_code = "unexpected_text"
+    default_detail = "This endpoint takes one image file part and no text part."
+
+
+class NoCategories(ApiError):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_code = "no_categories"
+    default_detail = "No wearable category is enabled: enable some in the admin (Wearable categories > Categories)."
+
+
+class UnknownRequestId(NotFound):
+    default_code = "unknown_request_id"
+    default_detail = "No wearable answer has this request_id."
+
+
+class UnknownCategory(BadRequest):
+    default_code = "unknown_category"
+
+
+class InvalidFeedback(BadRequest):
+    default_code = "invalid_feedback"

@@ -12,6 +12,7 @@ from embeddings.conf import limits
 from embeddings.images import decode_image
 from embeddings.multipart import Part
 from embeddings.runtime.encoder import ClipEncoder, l2_normalize
+from embeddings.runtime.batching import QueueFull
 from embeddings.runtime.state import RuntimeNotReady, runtime
 
 ENCODINGS = ("float", "base64")
@@ -48,7 +49,7 @@ def text_of(part: Part, *, max_words: int) -> str:
     return text
 
 
-def encode_parts(parts: list[Part], *, draft_min_side: int | None = None) -> EncodedParts:
+def encode_parts(parts: list[Part]) -> EncodedParts:
     """Validate and embed every part; raises an ApiError naming the first part at fault."""
     if not parts:
         raise errors.EmptyRequest()
@@ -56,7 +57,7 @@ def encode_parts(parts: list[Part], *, draft_min_side: int | None = None) -> Enc
     encoder = current_encoder()
     texts = [(p.key, text_of(p, max_words=lim.max_text_words)) for p in parts if not p.is_file]
     decoded = [
-        (p.key, decode_image(p.data, key=p.key, max_pixels=lim.max_image_pixels, draft_min_side=draft_min_side))
+        (p.key, decode_image(p.data, key=p.key, max_pixels=lim.max_image_pixels, draft_min_side=encoder.draft_min_side))
         for p in parts
         if p.is_file
     ]

@@ -1,14 +1,24 @@
-"""Encoding images and texts with a loaded CLIP-family model, exactly as transformers' pipeline does."""
+"""Encoding images and texts with a loaded CLIP-family model, exactly as transformers' pipeline does.
+
+Work is split in two: ``prepare_*`` (tokenize, preprocess) runs in the request's thread, and the
+forward runs in the batcher's inference thread, which pads each text batch only to its longest text
+where that gives the same vectors.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from embeddings.runtime.batching import Batcher
+from embeddings.runtime.preprocess import FastImagePreprocessor
+
+logger = logging.getLogger(__name__)
 
 # Families trained on texts padded to a fixed length: padding them only to the batch's longest text
 # changes their vectors, so their texts are padded as their processor documents.
@@ -32,15 +42,44 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class TextBatch:
-    inputs: dict[str, torch.Tensor]
-    truncated: list[bool]
+class PreparedText:
+    ids: list[int]
+    truncated: bool
+
+
+class TorchBackend:
+    """The model's own forward, in float32 eager PyTorch."""
+
+    name = "torch"
+
+    def __init__(self, model, device: str):
+        self.model, self.device = model, device
+
+    def text_features(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        tensors = {k: torch.from_numpy(v).to(self.device) for k, v in inputs.items()}
+        with torch.inference_mode():
+            return _embeddings(self.model.get_text_features(**tensors)).float().cpu().numpy()
+
+    def image_features(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        tensors = {k: torch.from_numpy(v).to(self.device) for k, v in inputs.items()}
+        with torch.inference_mode():
+            return _embeddings(self.model.get_image_features(**tensors)).float().cpu().numpy()
 
 
 class ClipEncoder:
-    """A CLIP-family model and its processor. ``encode_*`` return raw float32 projections."""
+    """A CLIP-family model, its processor and a backend. ``encode_*`` return raw float32 projections."""
 
-    def __init__(self, model, processor, *, name: str, device: str = "cpu", test_model: dict | None = None):
+    def __init__(
+        self,
+        model,
+        processor,
+        *,
+        name: str,
+        device: str = "cpu",
+        test_model: dict | None = None,
+        backend=None,
+        fast_preprocessing: bool = True,
+    ):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -48,6 +87,7 @@ class ClipEncoder:
         self.name = name
         self.device = device
         self.test_model = test_model
+        self.backend = backend or TorchBackend(model, device)
         config = model.config
         self.model_type = getattr(config, "model_type", "")
         text_config = getattr(config, "text_config", config)
@@ -55,53 +95,80 @@ class ClipEncoder:
         tokenizer_max = getattr(self.tokenizer, "model_max_length", None) or context
         self.max_text_tokens = int(min(context, tokenizer_max))
         self.fixed_text_length = _FIXED_LENGTH_PADDING.get(self.model_type)
+        if self.fixed_text_length:
+            self.fixed_text_length = min(self.fixed_text_length, self.max_text_tokens)
+        self.text_input_names = [n for n in self.tokenizer.model_input_names if n != "token_type_ids"]
         scale = getattr(model, "logit_scale", None)
         self.logit_scale = float(scale.exp().item()) if isinstance(scale, torch.Tensor) else 100.0
         self.dim = int(getattr(config, "projection_dim", 0) or 0)
-        # One forward at a time per model: torch already uses every thread it was given.
-        self._lock = threading.Lock()
+        self.fast = FastImagePreprocessor.from_processor(self.image_processor) if fast_preprocessing else None
+        if self.fast is not None and not self.fast.agrees_with(self.image_processor):
+            self.fast = None
+        self.batcher: Batcher | None = None
 
     @property
     def is_test_model(self) -> bool:
         return self.test_model is not None
 
-    # --- texts ---------------------------------------------------------------------------------
-    def tokenize(self, texts: Sequence[str]) -> TextBatch:
-        """Tokenize as the model's own processor does; mark texts longer than the model's context."""
-        lengths = self.tokenizer(list(texts), truncation=False, padding=False)["input_ids"]
-        truncated = [len(ids) > self.max_text_tokens for ids in lengths]
-        if self.fixed_text_length:
-            padding, max_length = "max_length", min(self.fixed_text_length, self.max_text_tokens)
-        else:
-            padding, max_length = "longest", self.max_text_tokens
-        inputs = self.tokenizer(
-            list(texts), padding=padding, truncation=True, max_length=max_length, return_tensors="pt"
-        )
-        names = ("input_ids", "attention_mask", "position_ids") if self.model_type != "siglip" else ("input_ids",)
-        return TextBatch({k: v.to(self.device) for k, v in inputs.items() if k in names}, truncated)
+    @property
+    def draft_min_side(self) -> int | None:
+        """The short side images are resized to, when our own preprocessing is in use (JPEG drafts)."""
+        return self.fast.target_short_side if self.fast is not None else None
 
-    def text_features(self, batch: TextBatch) -> np.ndarray:
-        with self._lock, torch.inference_mode():
-            out = _embeddings(self.model.get_text_features(**batch.inputs))
-        return out.float().cpu().numpy()
+    def start_batching(self, *, max_batch: int, max_wait_ms: float, max_queue: int) -> None:
+        self.batcher = Batcher(
+            {"text": self.forward_texts, "image": self.forward_images},
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            max_queue=max_queue,
+        )
+
+    # --- texts ---------------------------------------------------------------------------------
+    def prepare_texts(self, texts: Sequence[str]) -> list[PreparedText]:
+        """Token ids as the model's own tokenizer gives them, truncated to the model's context."""
+        full = self.tokenizer(list(texts), truncation=False, padding=False)["input_ids"]
+        limit = self.fixed_text_length or self.max_text_tokens
+        cut = self.tokenizer(list(texts), truncation=True, max_length=limit, padding=False)["input_ids"]
+        return [PreparedText(list(c), len(f) > self.max_text_tokens) for f, c in zip(full, cut, strict=True)]
+
+    def forward_texts(self, items: Sequence[PreparedText]) -> np.ndarray:
+        """One forward for a batch; CLIP pads to the batch's longest text (exact, thanks to its mask)."""
+        padding = "max_length" if self.fixed_text_length else "longest"
+        padded = self.tokenizer.pad(
+            {"input_ids": [item.ids for item in items]},
+            padding=padding,
+            max_length=self.fixed_text_length,
+            return_tensors="np",
+        )
+        inputs = {k: np.asarray(padded[k], dtype=np.int64) for k in self.text_input_names if k in padded}
+        return self.backend.text_features(inputs)
 
     def encode_texts(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool]]:
-        batch = self.tokenize(texts)
-        return self.text_features(batch), batch.truncated
+        prepared = self.prepare_texts(texts)
+        run = self.batcher.run if self.batcher else (lambda _kind, items: self.forward_texts(items))
+        return run("text", prepared), [p.truncated for p in prepared]
 
     # --- images --------------------------------------------------------------------------------
-    def preprocess(self, images: Sequence) -> dict[str, torch.Tensor]:
-        """The model's own image processor on RGB PIL images."""
-        inputs = self.image_processor(images=list(images), return_tensors="pt")
-        return {k: v.to(self.device) for k, v in inputs.items()}
+    def prepare_images(self, images: Sequence) -> list[dict[str, np.ndarray]]:
+        """Each RGB PIL image to the model's inputs, one dict of arrays (batch dimension 1) per image."""
+        prepared = []
+        for image in images:
+            pixels = self.fast(image) if self.fast is not None else None
+            if pixels is not None:
+                prepared.append({"pixel_values": pixels[None]})
+            else:
+                out = self.image_processor(images=[image], return_tensors="np")
+                prepared.append({k: np.asarray(v) for k, v in out.items()})
+        return prepared
 
-    def image_features(self, inputs: dict[str, torch.Tensor]) -> np.ndarray:
-        with self._lock, torch.inference_mode():
-            out = _embeddings(self.model.get_image_features(**inputs))
-        return out.float().cpu().numpy()
+    def forward_images(self, items: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
+        inputs = {k: np.concatenate([item[k] for item in items]) for k in items[0]}
+        return self.backend.image_features(inputs)
 
     def encode_images(self, images: Sequence) -> np.ndarray:
-        return self.image_features(self.preprocess(images))
+        prepared = self.prepare_images(images)
+        run = self.batcher.run if self.batcher else (lambda _kind, items: self.forward_images(items))
+        return run("image", prepared)
 
     def warm_up(self) -> None:
         """Embed one text and one blank image so the first request pays no lazy initialisation."""

@@ -24,6 +24,11 @@ class RuntimeConfig:
     models_dir: Path
     device: str
     torch_threads: int = 0
+    max_batch: int = 32
+    max_wait_ms: float = 2.0
+    max_queue: int = 1024
+    backend: str = "torch"  # "torch" or "onnx"
+    quantize: str = "none"  # "none" or "int8" (onnx)
 
 
 class Runtime:
@@ -59,7 +64,19 @@ class Runtime:
                 self._set_threads(config.torch_threads)
                 source = resolve_model_source(config.model, config.models_dir)
                 model, processor, device = load_model(source, device=config.device)
-                encoder = ClipEncoder(model, processor, name=source.name, device=device, test_model=source.test_model)
+                backend = None
+                if config.backend == "onnx":
+                    from embeddings.runtime.onnx import OnnxBackend
+
+                    backend = OnnxBackend.for_model(
+                        model, source.model_dir, quantize=config.quantize, threads=config.torch_threads
+                    )
+                encoder = ClipEncoder(
+                    model, processor, name=source.name, device=device, test_model=source.test_model, backend=backend
+                )
+                encoder.start_batching(
+                    max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, max_queue=config.max_queue
+                )
                 encoder.warm_up()
             except Exception as exc:
                 self.status, self.error = "failed", str(exc)
@@ -103,6 +120,8 @@ class Runtime:
     def reset(self) -> None:
         """Forget the loaded model (tests only)."""
         with self._lock:
+            if self._encoder is not None and self._encoder.batcher is not None:
+                self._encoder.batcher.stop()
             self._encoder, self._thread, self.status, self.error, self.config = None, None, "idle", None, None
 
 
