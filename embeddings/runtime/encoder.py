@@ -115,6 +115,11 @@ class ClipEncoder:
         """The short side images are resized to, when our own preprocessing is in use (JPEG drafts)."""
         return self.fast.target_short_side if self.fast is not None else None
 
+    def use_backend(self, backend) -> None:
+        """Serve from another backend (ONNX Runtime) and let the torch weights go."""
+        self.backend = backend
+        self.model = None
+
     def start_batching(self, *, max_batch: int, max_wait_ms: float, max_queue: int) -> None:
         self.batcher = Batcher(
             {"text": self.forward_texts, "image": self.forward_images},

@@ -64,16 +64,21 @@ class Runtime:
                 self._set_threads(config.torch_threads)
                 source = resolve_model_source(config.model, config.models_dir)
                 model, processor, device = load_model(source, device=config.device)
-                backend = None
+                encoder = ClipEncoder(
+                    model, processor, name=source.name, device=device, test_model=source.test_model
+                )
                 if config.backend == "onnx":
                     from embeddings.runtime.onnx import OnnxBackend
 
-                    backend = OnnxBackend.for_model(
-                        model, source.model_dir, quantize=config.quantize, threads=config.torch_threads
+                    encoder.use_backend(
+                        OnnxBackend.for_model(
+                            model,
+                            source.model_dir,
+                            quantize=config.quantize,
+                            threads=config.torch_threads,
+                            text_input_names=encoder.text_input_names,
+                        )
                     )
-                encoder = ClipEncoder(
-                    model, processor, name=source.name, device=device, test_model=source.test_model, backend=backend
-                )
                 encoder.start_batching(
                     max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, max_queue=config.max_queue
                 )
