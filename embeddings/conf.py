@@ -35,7 +35,8 @@ def runtime_config():
         model=settings.CLIP_MODEL,
         models_dir=settings.CLIP_MODELS_DIR,
         device=settings.CLIP_DEVICE,
-        torch_threads=settings.CLIP_TORCH_THREADS,
+        # 0: share the cores among the worker processes
+        torch_threads=settings.CLIP_TORCH_THREADS or max(1, settings.CPU_CORES // settings.WEB_CONCURRENCY),
         max_batch=settings.CLIP_MAX_BATCH,
         max_wait_ms=settings.CLIP_MAX_WAIT_MS,
         max_queue=settings.CLIP_MAX_QUEUE,

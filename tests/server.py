@@ -25,6 +25,7 @@ class Server:
         self.port = int(env["PORT"])
         self.log = log
         full_env = {**os.environ, "PYTHON": sys.executable, **env}
+        full_env = {k: v for k, v in full_env.items() if v is not None}  # None: leave the variable unset
         full_env["PATH"] = f"{Path(sys.executable).parent}:{full_env.get('PATH', '')}"
         self._log_file = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
