@@ -134,7 +134,7 @@ def api_exception_handler(exc: Exception, context: dict) -> Response:
     """DRF's EXCEPTION_HANDLER: every API error leaves in one JSON shape with the request_id."""
     request_id = _request_id_of(context)
     headers = {}
-    exc = _from_runtime(exc)
+    exc = from_runtime(exc)
     if isinstance(exc, ApiError):
         status_code, code, message, key = exc.status_code, exc.code, exc.message, exc.key
         if isinstance(exc, NotReady | Overloaded):
@@ -158,7 +158,7 @@ def api_exception_handler(exc: Exception, context: dict) -> Response:
     return response
 
 
-def _from_runtime(exc: Exception) -> Exception:
+def from_runtime(exc: Exception) -> Exception:
     """The runtime knows nothing of HTTP: its two expected failures map onto API errors here."""
     from embeddings.runtime.batching import QueueFull
     from embeddings.runtime.state import RuntimeNotReady

@@ -27,6 +27,8 @@ from embeddings import errors
 from embeddings.conf import limits
 
 _CHUNK = 64 * 1024
+# Fields an HTML form adds on its own (DRF's browsable page posts Django's CSRF token): not inputs.
+FORM_CONTROL_FIELDS = frozenset({"csrfmiddlewaretoken"})
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ def read_form(stream, content_type: str, content_length: int | None) -> Form:
             f"The request body is {content_length} bytes; the limit is {lim.max_request_bytes} bytes.",
             code="request_too_large",
         )
-    form, seen, total, preamble = Form(), set(), 0, 0
+    form, seen, total, preamble, browser_form = Form(), set(), 0, 0, False
     lazy = LazyStream(ChunkIter(stream, _CHUNK))
     try:
         for index, (item_type, meta, part_stream) in enumerate(Parser(lazy, boundary.encode("ascii"))):
@@ -132,6 +134,9 @@ def read_form(stream, content_type: str, content_length: int | None) -> Form:
                 _check_total(total, lim.max_request_bytes)
             if filename is not None and filename == "" and not data:
                 continue  # an HTML form's file input left empty
+            if filename is None and key in FORM_CONTROL_FIELDS:
+                browser_form = True
+                continue
             if key in seen:
                 raise errors.DuplicateKey(f"The key {key!r} is used by more than one part.", key=key)
             seen.add(key)
@@ -141,6 +146,9 @@ def read_form(stream, content_type: str, content_length: int | None) -> Form:
             form.parts.append(Part(key, bytes(data), filename, content_type_header))
     except (MultiPartParserError, InputStreamExhausted, UnreadablePostError, ValueError, OSError) as exc:
         raise errors.MalformedRequest() from exc
+    if browser_form:
+        # A browser form sends its text inputs left empty too; only an API client's empty text is an error.
+        form.parts = [p for p in form.parts if p.is_file or p.data.strip()]
     if not form.parts and preamble:
         raise errors.MalformedRequest(
             "No form part was found: the body is not well-formed multipart/form-data "

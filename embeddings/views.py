@@ -10,6 +10,7 @@ from rest_framework.views import APIView
 from embeddings import errors, services
 from embeddings.multipart import ClipMultiPartParser
 from embeddings.runtime.state import runtime
+from embeddings.serializers import EmbeddingsForm, ImageUploadForm
 
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -39,6 +40,14 @@ class ClipApiView(APIView):
     parser_classes = [ClipMultiPartParser]
     renderer_classes = [JSONRenderer, BrowsableAPIRenderer]
     authentication_classes = []  # a public API: no session, so no CSRF check on API clients
+    # Read by DRF's browsable page only, to draw its HTML upload form; the views parse parts themselves.
+    serializer_class = ImageUploadForm
+
+    def http_method_not_allowed(self, request, *args, **kwargs):
+        # A browser opening the URL gets DRF's page with the upload form; any other GET stays a 405.
+        if request.method == "GET" and isinstance(getattr(request, "accepted_renderer", None), BrowsableAPIRenderer):
+            return Response({"detail": "Send a POST; the form below sends one from this page.", "docs": "/api"})
+        return super().http_method_not_allowed(request, *args, **kwargs)
 
     def form_parts(self, request):
         data = request.data
@@ -47,6 +56,8 @@ class ClipApiView(APIView):
 
 class EmbeddingsView(ClipApiView):
     """Embed any mix of images (file parts) and texts (plain fields), keyed as sent."""
+
+    serializer_class = EmbeddingsForm
 
     def post(self, request):
         normalize = bool_param(request, "normalize", True)

@@ -60,6 +60,7 @@ class FeedbackView(ClipApiView):
     """The categories a user says are right for an earlier wearable answer."""
 
     parser_classes = [JSONParser, FormParser, MultiPartParser]
+    serializer_class = None  # a JSON body: DRF's raw-data form fits it
 
     def post(self, request):
         request_id, categories = feedback_input(request.data)
