@@ -28,10 +28,22 @@ ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = ROOT / "tests" / "data" / "photos"
 SIZES = {"640x480": (640, 480), "1920x1080": (1920, 1080), "4000x3000": (4000, 3000)}
 TEXTS = [
-    "a photo of a cat", "a red sports car", "two dogs playing in the snow", "a bowl of fresh fruit",
-    "an astronaut on the moon", "a man riding a motorcycle", "a cup of coffee on a table", "a rocket launch",
-    "a woman in a blue dress", "a pair of white sneakers", "a city street at night", "a sandy beach at sunset",
-    "a black leather handbag", "a person wearing sunglasses", "a plate of spaghetti", "a wooden chair",
+    "a photo of a cat",
+    "a red sports car",
+    "two dogs playing in the snow",
+    "a bowl of fresh fruit",
+    "an astronaut on the moon",
+    "a man riding a motorcycle",
+    "a cup of coffee on a table",
+    "a rocket launch",
+    "a woman in a blue dress",
+    "a pair of white sneakers",
+    "a city street at night",
+    "a sandy beach at sunset",
+    "a black leather handbag",
+    "a person wearing sunglasses",
+    "a plate of spaghetti",
+    "a wooden chair",
 ]
 
 
@@ -118,9 +130,7 @@ def measure_model(model_dir: Path, jpeg_640: list[bytes], seconds: float, thread
 
         result["naive_image_per_s"], _ = timed_rate(naive_image, len(jpeg_640), seconds)
         result["naive_text_per_s"], _ = timed_rate(naive_text, 8, seconds)
-    del model, processor
-    gc.collect()
-    return result
+    return result  # the model is freed with this frame (the caller collects) before the server starts
 
 
 # --- driving the server --------------------------------------------------------------------------
@@ -143,8 +153,15 @@ class LoadResult:
         }
 
 
-def drive(port: int, bodies: list[tuple[bytes, str]], *, concurrency: int, seconds: float | None = None,
-          total: int | None = None, keep_vectors: bool = False) -> LoadResult:
+def drive(
+    port: int,
+    bodies: list[tuple[bytes, str]],
+    *,
+    concurrency: int,
+    seconds: float | None = None,
+    total: int | None = None,
+    keep_vectors: bool = False,
+) -> LoadResult:
     """``concurrency`` clients, each on a keep-alive connection, sending ``bodies`` round robin."""
     result, lock = LoadResult(), threading.Lock()
     counter = iter(range(10**9))
@@ -228,8 +245,16 @@ def cosine_rows(a: dict[int, list[float]], b: dict[int, list[float]]) -> float:
 
 
 # --- the whole run -------------------------------------------------------------------------------
-def run(*, out: Path, seconds: float = 6.0, concurrency: tuple[int, ...] = (1, 4, 16, 64), requests_for_memory: int = 10_000,
-        model_dir: Path | None = None, compare_serving: bool = True, int8: bool = True) -> dict:
+def run(
+    *,
+    out: Path,
+    seconds: float = 6.0,
+    concurrency: tuple[int, ...] = (1, 4, 16, 64),
+    requests_for_memory: int = 10_000,
+    model_dir: Path | None = None,
+    compare_serving: bool = True,
+    int8: bool = True,
+) -> dict:
     import tempfile
 
     from embeddings.runtime.testmodel import build_test_model
@@ -245,41 +270,63 @@ def run(*, out: Path, seconds: float = 6.0, concurrency: tuple[int, ...] = (1, 4
     jpegs = {name: photo_jpegs(size) for name, size in SIZES.items()}
     image_bodies = {name: [multipart("image", b, f"{name}.jpg") for b in data] for name, data in jpegs.items()}
     text_bodies = [multipart("text", t, None) for t in TEXTS]
-    report: dict = {"machine": {"cores": cores, "cpu": platform.processor() or platform.machine(),
-                                "python": platform.python_version()}, "model": str(model_dir)}
+    report: dict = {
+        "machine": {
+            "cores": cores,
+            "cpu": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+        },
+        "model": str(model_dir),
+    }
 
     log(f"bare model and naive baseline, in process ({cores} torch threads)")
     bare = measure_model(model_dir, jpegs["640x480"], seconds, cores)
+    gc.collect()
     report["bare"] = bare
-    log(f"bare: images b1 {bare['image_b1_per_s']:.1f}/s, b16 {bare['image_b16_per_s']:.1f}/s, "
+    log(
+        f"bare: images b1 {bare['image_b1_per_s']:.1f}/s, b16 {bare['image_b16_per_s']:.1f}/s, "
         f"texts b32 {bare['text_b32_per_s']:.1f}/s; naive: {bare['naive_image_per_s']:.1f} images/s, "
-        f"{bare['naive_text_per_s']:.1f} texts/s")
+        f"{bare['naive_text_per_s']:.1f} texts/s"
+    )
 
     tmp = Path(tempfile.mkdtemp(prefix="clipsite-bench-"))
     default_serving = {"WEB_CONCURRENCY": None, "CLIP_TORCH_THREADS": None}  # the product's defaults
     log("starting the server as README starts it (float32)")
     server, wall_ready, ready = start_server(model_dir, tmp, "fp32", **default_serving)
     try:
-        report["server"] = {"time_to_ready_wall_s": wall_ready, "model_ready_s": ready.get("ready_seconds"),
-                            "workers_rss_mb_after_warmup": worker_rss_mb(server.proc.pid)}
+        report["server"] = {
+            "time_to_ready_wall_s": wall_ready,
+            "model_ready_s": ready.get("ready_seconds"),
+            "workers_rss_mb_after_warmup": worker_rss_mb(server.proc.pid),
+        }
         runs = []
         for size in SIZES:
             for c in concurrency:
-                r = drive(server.port, image_bodies[size], concurrency=c, seconds=seconds,
-                          keep_vectors=(size == "640x480" and c == 1))
+                r = drive(
+                    server.port,
+                    image_bodies[size],
+                    concurrency=c,
+                    seconds=seconds,
+                    keep_vectors=(size == "640x480" and c == 1),
+                )
                 if size == "640x480" and c == 1:
                     fp32_vectors = r.vectors
                 row = {"input": f"image {size}", "concurrency": c, **r.summary()}
                 runs.append(row)
-                log(f"fp32 {row['input']:>15} c={c:<3} {row['per_s']:7.1f}/s p50 {row['p50_ms']:7.1f} ms "
-                    f"p99 {row['p99_ms']:7.1f} ms errors {row['errors']}")
+                log(
+                    f"fp32 {row['input']:>15} c={c:<3} {row['per_s']:7.1f}/s p50 {row['p50_ms']:7.1f} ms "
+                    f"p99 {row['p99_ms']:7.1f} ms errors {row['errors']}"
+                )
         for c in concurrency:
             r = drive(server.port, text_bodies, concurrency=c, seconds=seconds, keep_vectors=(c == 1))
             if c == 1:
                 fp32_text_vectors = r.vectors
             row = {"input": "text", "concurrency": c, **r.summary()}
             runs.append(row)
-            log(f"fp32 {'text':>15} c={c:<3} {row['per_s']:7.1f}/s p50 {row['p50_ms']:7.1f} ms p99 {row['p99_ms']:7.1f} ms")
+            log(
+                f"fp32 {'text':>15} c={c:<3} {row['per_s']:7.1f}/s "
+                f"p50 {row['p50_ms']:7.1f} ms p99 {row['p99_ms']:7.1f} ms"
+            )
         report["server"]["runs"] = runs
         log(f"memory: {requests_for_memory} requests (1 in 10 an image) at concurrency 16")
         mixed = text_bodies * 9 + image_bodies["640x480"][:2]
@@ -298,8 +345,11 @@ def run(*, out: Path, seconds: float = 6.0, concurrency: tuple[int, ...] = (1, 4
         try:
             img = drive(server.port, image_bodies["640x480"], concurrency=16, seconds=seconds).summary()
             txt = drive(server.port, text_bodies, concurrency=16, seconds=seconds).summary()
-            report["serving_comparison"] = {"layout": label, "image_640x480_c16_per_s": img["per_s"],
-                                            "text_c16_per_s": txt["per_s"]}
+            report["serving_comparison"] = {
+                "layout": label,
+                "image_640x480_c16_per_s": img["per_s"],
+                "text_c16_per_s": txt["per_s"],
+            }
             log(f"{label}: {img['per_s']:.1f} images/s, {txt['per_s']:.1f} texts/s at c=16")
         finally:
             server.stop()
@@ -310,15 +360,26 @@ def run(*, out: Path, seconds: float = 6.0, concurrency: tuple[int, ...] = (1, 4
         try:
             img = drive(server.port, image_bodies["640x480"], concurrency=16, seconds=seconds).summary()
             txt = drive(server.port, text_bodies, concurrency=16, seconds=seconds).summary()
-            vi = drive(server.port, image_bodies["640x480"], concurrency=1, total=len(image_bodies["640x480"]),
-                       keep_vectors=True).vectors
+            vi = drive(
+                server.port,
+                image_bodies["640x480"],
+                concurrency=1,
+                total=len(image_bodies["640x480"]),
+                keep_vectors=True,
+            ).vectors
             vt = drive(server.port, text_bodies, concurrency=1, total=len(text_bodies), keep_vectors=True).vectors
-            report["int8"] = {"time_to_ready_wall_s": wall, "image_640x480_c16_per_s": img["per_s"],
-                              "text_c16_per_s": txt["per_s"], "image_cosine_min": cosine_rows(vi, fp32_vectors),
-                              "text_cosine_min": cosine_rows(vt, fp32_text_vectors),
-                              "workers_rss_mb": worker_rss_mb(server.proc.pid)}
-            log(f"int8: {img['per_s']:.1f} images/s, {txt['per_s']:.1f} texts/s at c=16; cosine to fp32 "
-                f"{report['int8']['image_cosine_min']:.5f} (images) {report['int8']['text_cosine_min']:.5f} (texts)")
+            report["int8"] = {
+                "time_to_ready_wall_s": wall,
+                "image_640x480_c16_per_s": img["per_s"],
+                "text_c16_per_s": txt["per_s"],
+                "image_cosine_min": cosine_rows(vi, fp32_vectors),
+                "text_cosine_min": cosine_rows(vt, fp32_text_vectors),
+                "workers_rss_mb": worker_rss_mb(server.proc.pid),
+            }
+            log(
+                f"int8: {img['per_s']:.1f} images/s, {txt['per_s']:.1f} texts/s at c=16; cosine to fp32 "
+                f"{report['int8']['image_cosine_min']:.5f} (images) {report['int8']['text_cosine_min']:.5f} (texts)"
+            )
         finally:
             server.stop()
 
@@ -353,10 +414,18 @@ def targets(report: dict) -> list[dict]:
     if "int8" in report:
         ratio = report["int8"]["image_640x480_c16_per_s"] / _run(report, "image 640x480", 16)["per_s"]
         add("int8 images/s vs float32 server, c=16", round(ratio, 2), ">= 1.5", ratio >= 1.5)
-        add("int8 cosine to float32 (images)", round(report["int8"]["image_cosine_min"], 5), ">= 0.999",
-            report["int8"]["image_cosine_min"] >= 0.999)
-        add("int8 cosine to float32 (texts)", round(report["int8"]["text_cosine_min"], 5), ">= 0.998",
-            report["int8"]["text_cosine_min"] >= 0.998)
+        add(
+            "int8 cosine to float32 (images)",
+            round(report["int8"]["image_cosine_min"], 5),
+            ">= 0.999",
+            report["int8"]["image_cosine_min"] >= 0.999,
+        )
+        add(
+            "int8 cosine to float32 (texts)",
+            round(report["int8"]["text_cosine_min"], 5),
+            ">= 0.998",
+            report["int8"]["text_cosine_min"] >= 0.998,
+        )
     before, after = sum(server["workers_rss_mb_after_warmup"]), sum(server["workers_rss_mb_after_requests"])
     growth = after / before - 1 if before else float("nan")
     add(f"RSS growth after {server['memory_requests']} requests", f"{100 * growth:+.1f}%", "<= +10%", growth <= 0.10)
@@ -368,7 +437,8 @@ def targets(report: dict) -> list[dict]:
 def markdown(report: dict) -> str:
     bare, server = report["bare"], report["server"]
     lines = [
-        f"Machine: {report['machine']['cores']} cores ({report['machine']['cpu']}), Python {report['machine']['python']}; "
+        f"Machine: {report['machine']['cores']} cores ({report['machine']['cpu']}), "
+        f"Python {report['machine']['python']}; "
         f"model: random-weight vit-b-32 (openai/clip-vit-base-patch32's architecture), float32 unless noted.",
         "",
         f"Bare model ({bare['torch_threads']} torch threads): images {bare['image_b1_per_s']:.1f}/s at batch 1, "
@@ -387,23 +457,32 @@ def markdown(report: dict) -> str:
             f"| {r['input']} | {r['concurrency']} | {r['per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
             f"{r['per_s'] / bare_rate:.2f} | {r['per_s'] / naive:.2f} | {r['errors']} |"
         )
-    lines += ["", f"Time to ready: {server['time_to_ready_wall_s']:.1f} s from launching scripts/start.sh "
-              f"(migrations and checks included); model load + warm-up {server['model_ready_s']:.2f} s "
-              f"against {bare['from_pretrained_seconds']:.2f} s for a bare from_pretrained.",
-              f"Memory per worker (MB RSS): {', '.join(f'{m:.0f}' for m in server['workers_rss_mb_after_warmup'])} "
-              f"after warm-up, {', '.join(f'{m:.0f}' for m in server['workers_rss_mb_after_requests'])} "
-              f"after {server['memory_requests']} requests."]
+    lines += [
+        "",
+        f"Time to ready: {server['time_to_ready_wall_s']:.1f} s from launching scripts/start.sh "
+        f"(migrations and checks included); model load + warm-up {server['model_ready_s']:.2f} s "
+        f"against {bare['from_pretrained_seconds']:.2f} s for a bare from_pretrained.",
+        f"Memory per worker (MB RSS): {', '.join(f'{m:.0f}' for m in server['workers_rss_mb_after_warmup'])} "
+        f"after warm-up, {', '.join(f'{m:.0f}' for m in server['workers_rss_mb_after_requests'])} "
+        f"after {server['memory_requests']} requests.",
+    ]
     if "serving_comparison" in report:
         s = report["serving_comparison"]
-        lines.append(f"Other serving layout, {s['layout']}: {s['image_640x480_c16_per_s']:.1f} images/s and "
-                     f"{s['text_c16_per_s']:.1f} texts/s at 16 clients.")
+        lines.append(
+            f"Other serving layout, {s['layout']}: {s['image_640x480_c16_per_s']:.1f} images/s and "
+            f"{s['text_c16_per_s']:.1f} texts/s at 16 clients."
+        )
     if "int8" in report:
         s = report["int8"]
-        lines.append(f"int8 (ONNX Runtime, per-channel): {s['image_640x480_c16_per_s']:.1f} images/s, "
-                     f"{s['text_c16_per_s']:.1f} texts/s at 16 clients; cosine to float32 >= "
-                     f"{s['image_cosine_min']:.5f} (images), {s['text_cosine_min']:.5f} (texts); "
-                     f"RSS {', '.join(f'{m:.0f}' for m in s['workers_rss_mb'])} MB.")
+        lines.append(
+            f"int8 (ONNX Runtime, per-channel): {s['image_640x480_c16_per_s']:.1f} images/s, "
+            f"{s['text_c16_per_s']:.1f} texts/s at 16 clients; cosine to float32 >= "
+            f"{s['image_cosine_min']:.5f} (images), {s['text_cosine_min']:.5f} (texts); "
+            f"RSS {', '.join(f'{m:.0f}' for m in s['workers_rss_mb'])} MB."
+        )
     lines += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
-    lines += [f"| {t['target']} | {t['value']} | {t['goal']} | {'yes' if t['met'] else 'NO'} |" for t in report["targets"]]
+    lines += [
+        f"| {t['target']} | {t['value']} | {t['goal']} | {'yes' if t['met'] else 'NO'} |" for t in report["targets"]
+    ]
     lines.append(f"\nBenchmark wall time: {report['total_seconds']:.0f} s.")
     return "\n".join(lines) + "\n"

@@ -12,7 +12,6 @@ from embeddings.conf import limits
 from embeddings.images import decode_image
 from embeddings.multipart import Part
 from embeddings.runtime.encoder import ClipEncoder, l2_normalize
-from embeddings.runtime.batching import QueueFull
 from embeddings.runtime.state import RuntimeNotReady, runtime
 
 ENCODINGS = ("float", "base64")

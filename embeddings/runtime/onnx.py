@@ -131,7 +131,12 @@ def prepare_onnx_files(model, model_dir: Path, *, quantize: str, text_input_name
             meta = {}
         if meta.get(quantize) == fingerprint and all(f.exists() for f in files.values()):
             return files
-        logger.info("Exporting %s to ONNX%s in %s (once)", model_dir, " and quantising to int8" if quantize == "int8" else "", folder)
+        logger.info(
+            "Exporting %s to ONNX%s in %s (once)",
+            model_dir,
+            " and quantising to int8" if quantize == "int8" else "",
+            folder,
+        )
         for kind, input_names in names.items():
             fp32 = folder / f"{kind}.onnx"
             export_tower(model, kind, input_names, fp32)

@@ -58,7 +58,11 @@ class FastImagePreprocessor:
             if set(crop_size) != {"height", "width"}:
                 return None
             crop = (int(crop_size["height"]), int(crop_size["width"]))
-        factor = float(_get(image_processor, "rescale_factor", 1 / 255)) if _get(image_processor, "do_rescale", True) else 1.0
+        factor = (
+            float(_get(image_processor, "rescale_factor", 1 / 255))
+            if _get(image_processor, "do_rescale", True)
+            else 1.0
+        )
         if _get(image_processor, "do_normalize", True):
             mean = np.asarray(_get(image_processor, "image_mean", [0.0, 0.0, 0.0]), dtype=np.float64).reshape(-1)
             std = np.asarray(_get(image_processor, "image_std", [1.0, 1.0, 1.0]), dtype=np.float64).reshape(-1)
@@ -127,6 +131,8 @@ class FastImagePreprocessor:
             want = image_processor(images=[image], return_tensors="np")["pixel_values"][0]
             got = self(image)
             if got is None or got.shape != want.shape or float(np.max(np.abs(got - want))) > atol:
-                logger.info("Fast preprocessing disagrees with %s; using the stock processor", type(image_processor).__name__)
+                logger.info(
+                    "Fast preprocessing disagrees with %s; using the stock processor", type(image_processor).__name__
+                )
                 return False
         return True

@@ -64,9 +64,7 @@ class Runtime:
                 self._set_threads(config.torch_threads)
                 source = resolve_model_source(config.model, config.models_dir)
                 model, processor, device = load_model(source, device=config.device)
-                encoder = ClipEncoder(
-                    model, processor, name=source.name, device=device, test_model=source.test_model
-                )
+                encoder = ClipEncoder(model, processor, name=source.name, device=device, test_model=source.test_model)
                 if config.backend == "onnx":
                     from embeddings.runtime.onnx import OnnxBackend
 

@@ -13,7 +13,7 @@ from PIL import Image
 from embeddings.runtime.batching import Batcher, QueueFull
 from embeddings.runtime.encoder import ClipEncoder
 from embeddings.runtime.preprocess import FastImagePreprocessor
-from tests.conftest import gradient_image, image_bytes, load_runtime, multipart_body
+from tests.conftest import gradient_image, image_bytes, multipart_body
 
 TEXTS = ["a cat", "a photo of a very small dog sitting on a red sofa in the evening", "x", "two words"]
 
@@ -131,8 +131,9 @@ def test_fast_preprocessing_equals_the_stock_processor(clip):
 def test_fast_preprocessing_handles_square_resize_like_siglip():
     from transformers import SiglipImageProcessorPil
 
-    stock = SiglipImageProcessorPil(size={"height": 224, "width": 224}, resample=2, image_mean=[0.5] * 3,
-                                    image_std=[0.5] * 3)
+    stock = SiglipImageProcessorPil(
+        size={"height": 224, "width": 224}, resample=2, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
     fast = FastImagePreprocessor.from_processor(stock)
     assert fast is not None and fast.agrees_with(stock)
 
@@ -147,8 +148,9 @@ def test_large_jpegs_are_draft_decoded_and_keep_parity(client, clip, size):
     assert min(decoded.image.size) < min(size)  # libjpeg decoded at reduced scale
     assert min(decoded.image.size) >= 2 * clip.draft_min_side
     body, content_type = multipart_body([("img", data, "big.jpg")])
-    got = np.array(client.generic("POST", "/syte_test/embeddings", body, content_type=content_type).json()[
-        "images_vectors"][0])
+    got = np.array(
+        client.generic("POST", "/syte_test/embeddings", body, content_type=content_type).json()["images_vectors"][0]
+    )
     stock_inputs = clip.processor(images=[Image.open(__import__("io").BytesIO(data))], return_tensors="pt")
     with torch.inference_mode():
         out = clip.model.get_image_features(**stock_inputs)
@@ -162,10 +164,23 @@ def test_siglip_family_texts_are_padded_to_their_fixed_length(tmp_path, tiny_mod
 
     torch.manual_seed(0)
     config = SiglipConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                         num_hidden_layers=2, max_position_embeddings=64, projection_size=32),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
-                           image_size=224, patch_size=32),
+        text_config=dict(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=64,
+            projection_size=32,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            image_size=224,
+            patch_size=32,
+        ),
     )
     model = SiglipModel(config).eval()
     processor = AutoProcessor.from_pretrained(tiny_model_dir / "processor-clip")
