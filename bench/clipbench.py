@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import orjson
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,6 +94,20 @@ def timed_rate(fn, items_per_call: int, seconds: float) -> tuple[float, float]:
     return items_per_call * len(times) / sum(times), statistics.median(times)
 
 
+def fresh_process_load_seconds(model_dir: Path) -> float:
+    """A bare from_pretrained of model and processor in a new Python process, imports included."""
+    import subprocess
+    import sys
+
+    code = (
+        "import time; t = time.perf_counter(); from transformers import AutoModel, AutoProcessor; "
+        f"AutoModel.from_pretrained({str(model_dir / 'model-clip')!r}); "
+        f"AutoProcessor.from_pretrained({str(model_dir / 'processor-clip')!r}); print(time.perf_counter() - t)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def measure_model(model_dir: Path, jpeg_640: list[bytes], seconds: float, threads: int) -> dict:
     import torch
     from transformers import AutoModel, AutoProcessor
@@ -109,7 +124,11 @@ def measure_model(model_dir: Path, jpeg_640: list[bytes], seconds: float, thread
     pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in jpeg_640]
     pixels = processor(images=pil * 8, return_tensors="pt")["pixel_values"]
     text_batch = processor.tokenizer(TEXTS * 2, padding="longest", return_tensors="pt")
-    result = {"from_pretrained_seconds": load_seconds, "torch_threads": threads}
+    result = {
+        "from_pretrained_seconds": load_seconds,
+        "fresh_process_from_pretrained_seconds": fresh_process_load_seconds(model_dir),
+        "torch_threads": threads,
+    }
     with torch.inference_mode():
         result["image_b1_per_s"], result["image_b1_seconds"] = timed_rate(
             lambda: feats(model.get_image_features(pixel_values=pixels[:1])), 1, seconds
@@ -192,7 +211,7 @@ def drive(
                 if ok:
                     result.latencies.append(elapsed)
                     if keep_vectors and n < len(bodies):
-                        data = json.loads(payload)
+                        data = orjson.loads(payload)
                         result.vectors[n] = next(iter(data["vectors"].values()))
         conn.close()
 
@@ -297,8 +316,12 @@ def run(
         report["server"] = {
             "time_to_ready_wall_s": wall_ready,
             "model_ready_s": ready.get("ready_seconds"),
-            "workers_rss_mb_after_warmup": worker_rss_mb(server.proc.pid),
+            "worker_seconds_to_ready": ready.get("process_seconds_to_ready"),
+            "workers_rss_mb_at_ready": worker_rss_mb(server.proc.pid),
         }
+        # Warm-up traffic: the allocators and kernel caches meet the batch shapes real traffic brings.
+        drive(server.port, text_bodies + image_bodies["640x480"], concurrency=16, total=400)
+        report["server"]["workers_rss_mb_after_warmup"] = worker_rss_mb(server.proc.pid)
         runs = []
         for size in SIZES:
             for c in concurrency:
@@ -429,9 +452,13 @@ def targets(report: dict) -> list[dict]:
     before, after = sum(server["workers_rss_mb_after_warmup"]), sum(server["workers_rss_mb_after_requests"])
     growth = after / before - 1 if before else float("nan")
     add(f"RSS growth after {server['memory_requests']} requests", f"{100 * growth:+.1f}%", "<= +10%", growth <= 0.10)
-    ratio = (server["model_ready_s"] or 0) / bare["from_pretrained_seconds"]
-    add("model ready (load + warm-up) vs bare from_pretrained", round(ratio, 2), "< 2", ratio < 2)
+    ratio = (server["worker_seconds_to_ready"] or 0) / bare["fresh_process_from_pretrained_seconds"]
+    add("worker start to ready vs bare from_pretrained (new processes)", round(ratio, 2), "< 2", ratio < 2)
     return rows
+
+
+def _mb(values: list[float]) -> str:
+    return ", ".join(f"{m:.0f}" for m in values)
 
 
 def markdown(report: dict) -> str:
@@ -459,12 +486,14 @@ def markdown(report: dict) -> str:
         )
     lines += [
         "",
-        f"Time to ready: {server['time_to_ready_wall_s']:.1f} s from launching scripts/start.sh "
-        f"(migrations and checks included); model load + warm-up {server['model_ready_s']:.2f} s "
-        f"against {bare['from_pretrained_seconds']:.2f} s for a bare from_pretrained.",
-        f"Memory per worker (MB RSS): {', '.join(f'{m:.0f}' for m in server['workers_rss_mb_after_warmup'])} "
-        f"after warm-up, {', '.join(f'{m:.0f}' for m in server['workers_rss_mb_after_requests'])} "
-        f"after {server['memory_requests']} requests.",
+        f"Time to ready: a worker is ready {server['worker_seconds_to_ready']:.2f} s after it starts (Django, "
+        f"imports, load, checks, warm-up), against {bare['fresh_process_from_pretrained_seconds']:.2f} s for a "
+        f"bare from_pretrained of the same folder in a new process ({bare['from_pretrained_seconds']:.2f} s with "
+        f"imports done); {server['time_to_ready_wall_s']:.1f} s from launching scripts/start.sh (migrations "
+        "included).",
+        f"Memory per worker (MB RSS): {_mb(server['workers_rss_mb_at_ready'])} at ready, "
+        f"{_mb(server['workers_rss_mb_after_warmup'])} after 400 warm-up requests, "
+        f"{_mb(server['workers_rss_mb_after_requests'])} after {server['memory_requests']} more requests.",
     ]
     if "serving_comparison" in report:
         s = report["serving_comparison"]

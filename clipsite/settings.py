@@ -118,6 +118,10 @@ STORAGES = {
 
 REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "embeddings.errors.api_exception_handler",
+    "DEFAULT_RENDERER_CLASSES": [
+        "embeddings.renderers.FastJSONRenderer",
+        "rest_framework.renderers.BrowsableAPIRenderer",
+    ],
     "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
     "UNAUTHENTICATED_USER": None,
@@ -132,6 +136,8 @@ CLIP_DEVICE = env_choice("CLIP_DEVICE", "cpu", ("cpu", "cuda", "auto"))
 # Load the model in the background at process start (the server); tests load it themselves.
 CLIP_WARMUP = env_bool("CLIP_WARMUP", True)
 CLIP_TORCH_THREADS = env_int("CLIP_TORCH_THREADS", 0, minimum=0, maximum=256)
+# Torch threads of a worker while the other workers are idle (a quiet server): all cores by default (0).
+CLIP_SOLO_THREADS = env_int("CLIP_SOLO_THREADS", 0, minimum=0, maximum=256)
 # Batching across requests (one inference thread per process): batch size, how long a batch that is
 # not full waits for more, and how many items may queue before requests get 503 "overloaded".
 CLIP_MAX_BATCH = env_int("CLIP_MAX_BATCH", 32, minimum=1, maximum=1024)

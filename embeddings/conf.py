@@ -37,6 +37,7 @@ def runtime_config():
         device=settings.CLIP_DEVICE,
         # 0: share the cores among the worker processes
         torch_threads=settings.CLIP_TORCH_THREADS or max(1, settings.CPU_CORES // settings.WEB_CONCURRENCY),
+        solo_threads=settings.CLIP_SOLO_THREADS or settings.CPU_CORES,
         max_batch=settings.CLIP_MAX_BATCH,
         max_wait_ms=settings.CLIP_MAX_WAIT_MS,
         max_queue=settings.CLIP_MAX_QUEUE,

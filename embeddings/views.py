@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from django.http import JsonResponse
-from rest_framework.renderers import BrowsableAPIRenderer, JSONRenderer
+from rest_framework.renderers import BrowsableAPIRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from embeddings import errors, services
 from embeddings.multipart import ClipMultiPartParser
+from embeddings.renderers import FastJSONRenderer
 from embeddings.runtime.state import runtime
 from embeddings.serializers import EmbeddingsForm, ImageUploadForm
 
@@ -38,7 +39,7 @@ class ClipApiView(APIView):
     """Base of the API's views: our multipart parser, JSON out (and DRF's page for browsers)."""
 
     parser_classes = [ClipMultiPartParser]
-    renderer_classes = [JSONRenderer, BrowsableAPIRenderer]
+    renderer_classes = [FastJSONRenderer, BrowsableAPIRenderer]
     authentication_classes = []  # a public API: no session, so no CSRF check on API clients
     # Read by DRF's browsable page only, to draw its HTML upload form; the views parse parts themselves.
     serializer_class = ImageUploadForm
@@ -82,6 +83,8 @@ def readyz(request):
             "device": encoder.device,
             "test_model": encoder.is_test_model,
             "ready_seconds": round(runtime.ready_seconds or 0.0, 3),
+            "process_seconds_to_ready": round(runtime.process_seconds_to_ready or 0.0, 3),
+            "backend": encoder.backend.name,
         }
     return JsonResponse(body, status=200 if runtime.ready else 503)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -12,6 +13,16 @@ from embeddings.runtime.encoder import ClipEncoder
 from embeddings.runtime.loading import load_model, resolve_model_source
 
 logger = logging.getLogger(__name__)
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (for a gunicorn worker: since its fork), from /proc."""
+    try:
+        start_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 class RuntimeNotReady(Exception):
@@ -24,6 +35,7 @@ class RuntimeConfig:
     models_dir: Path
     device: str
     torch_threads: int = 0
+    solo_threads: int = 0  # torch threads while the other worker processes are idle: all cores
     max_batch: int = 32
     max_wait_ms: float = 2.0
     max_queue: int = 1024
@@ -42,6 +54,7 @@ class Runtime:
         self.error: str | None = None
         self.started_at: float | None = None
         self.ready_seconds: float | None = None
+        self.process_seconds_to_ready: float | None = None
         self.config: RuntimeConfig | None = None
 
     def encoder(self) -> ClipEncoder:
@@ -64,7 +77,15 @@ class Runtime:
                 self._set_threads(config.torch_threads)
                 source = resolve_model_source(config.model, config.models_dir)
                 model, processor, device = load_model(source, device=config.device)
-                encoder = ClipEncoder(model, processor, name=source.name, device=device, test_model=source.test_model)
+                encoder = ClipEncoder(
+                    model,
+                    processor,
+                    name=source.name,
+                    device=device,
+                    test_model=source.test_model,
+                    threads=config.torch_threads,
+                    solo_threads=config.solo_threads,
+                )
                 if config.backend == "onnx":
                     from embeddings.runtime.onnx import OnnxBackend
 
@@ -92,6 +113,7 @@ class Runtime:
                 )
             self._encoder, self.status, self.config = encoder, "ready", config
             self.ready_seconds = time.monotonic() - self.started_at
+            self.process_seconds_to_ready = process_age()
             logger.info("Model %s ready on %s in %.1f s", encoder.name, device, self.ready_seconds)
             return encoder
 

@@ -146,7 +146,7 @@ def test_large_jpegs_are_draft_decoded_and_keep_parity(client, clip, size):
     data = image_bytes(photo, "JPEG", quality=90)
     decoded = decode_image(data, draft_min_side=clip.draft_min_side)
     assert min(decoded.image.size) < min(size)  # libjpeg decoded at reduced scale
-    assert min(decoded.image.size) >= 2 * clip.draft_min_side
+    assert min(decoded.image.size) >= 224  # never below the model's input side
     body, content_type = multipart_body([("img", data, "big.jpg")])
     got = np.array(
         client.generic("POST", "/syte_test/embeddings", body, content_type=content_type).json()["images_vectors"][0]
@@ -155,7 +155,7 @@ def test_large_jpegs_are_draft_decoded_and_keep_parity(client, clip, size):
     with torch.inference_mode():
         out = clip.model.get_image_features(**stock_inputs)
     want = (out if isinstance(out, torch.Tensor) else out.pooler_output).numpy()[0]
-    assert float(got @ want / np.linalg.norm(want)) >= 0.999
+    assert float(got @ want / np.linalg.norm(want)) >= 0.9999
 
 
 def test_siglip_family_texts_are_padded_to_their_fixed_length(tmp_path, tiny_model_dir):
