@@ -143,9 +143,10 @@ CLIP_SOLO_THREADS = env_int("CLIP_SOLO_THREADS", 0, minimum=0, maximum=256)
 CLIP_MAX_BATCH = env_int("CLIP_MAX_BATCH", 32, minimum=1, maximum=1024)
 CLIP_MAX_WAIT_MS = env_int("CLIP_MAX_WAIT_MS", 2, minimum=0, maximum=10_000)
 CLIP_MAX_QUEUE = env_int("CLIP_MAX_QUEUE", 1024, minimum=1, maximum=1_000_000)
-# "torch" (float32 eager) or "onnx" (ONNX Runtime); CLIP_QUANTIZE=int8 (onnx only) quantises weights
-# per channel, exported and quantised once and cached next to the model.
-CLIP_RUNTIME = env_choice("CLIP_RUNTIME", "torch", ("torch", "onnx"))
+# "auto": ONNX Runtime on CPU (exported once, cached next to the model; the same float32 vectors,
+# measured faster by `python manage.py bench`), PyTorch on CUDA. "torch" or "onnx" to choose.
+# CLIP_QUANTIZE=int8 (onnx only) quantises the weights per channel, once, cached the same way.
+CLIP_RUNTIME = env_choice("CLIP_RUNTIME", "auto", ("auto", "torch", "onnx"))
 CLIP_QUANTIZE = env_choice("CLIP_QUANTIZE", "none", ("none", "int8"))
 
 CLIP_MAX_TEXT_WORDS = env_int("CLIP_MAX_TEXT_WORDS", 50, minimum=1, maximum=10_000)
@@ -190,5 +191,9 @@ WEARABLE_TOP_K = env_int("WEARABLE_TOP_K", 3, minimum=1, maximum=1000)
 # Keep the uploaded image bytes with each recorded prediction (off: only its SHA-256 is kept).
 WEARABLE_STORE_IMAGES = env_bool("WEARABLE_STORE_IMAGES", False)
 
-if CLIP_QUANTIZE == "int8" and CLIP_RUNTIME != "onnx":
-    CONFIG_ERRORS.append(("CLIP_QUANTIZE", "CLIP_QUANTIZE=int8 needs CLIP_RUNTIME=onnx"))
+if CLIP_QUANTIZE == "int8" and CLIP_RUNTIME == "torch":
+    CONFIG_ERRORS.append(("CLIP_QUANTIZE", "CLIP_QUANTIZE=int8 needs CLIP_RUNTIME=onnx (or auto)"))
+if CLIP_RUNTIME == "onnx" and CLIP_DEVICE == "cuda":
+    CONFIG_ERRORS.append(
+        ("CLIP_RUNTIME", "CLIP_RUNTIME=onnx runs on the CPU: use torch (or auto) with CLIP_DEVICE=cuda")
+    )

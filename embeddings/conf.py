@@ -28,6 +28,19 @@ def limits() -> Limits:
     )
 
 
+def runtime_backend() -> str:
+    """What CLIP_RUNTIME=auto means here: ONNX Runtime on the CPU, PyTorch on a GPU."""
+    if settings.CLIP_RUNTIME != "auto":
+        return settings.CLIP_RUNTIME
+    if settings.CLIP_DEVICE == "cuda":
+        return "torch"
+    if settings.CLIP_DEVICE == "auto":
+        import torch
+
+        return "torch" if torch.cuda.is_available() else "onnx"
+    return "onnx"
+
+
 def runtime_config():
     from embeddings.runtime.state import RuntimeConfig
 
@@ -41,6 +54,6 @@ def runtime_config():
         max_batch=settings.CLIP_MAX_BATCH,
         max_wait_ms=settings.CLIP_MAX_WAIT_MS,
         max_queue=settings.CLIP_MAX_QUEUE,
-        backend=settings.CLIP_RUNTIME,
+        backend=runtime_backend(),
         quantize=settings.CLIP_QUANTIZE,
     )

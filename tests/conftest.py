@@ -36,8 +36,8 @@ def vitb32_model_dir() -> Path:
     return ensure_test_model("vit-b-32")
 
 
-def load_runtime(model_dir: Path):
-    config = RuntimeConfig(model=str(model_dir), models_dir=MODELS, device="cpu")
+def load_runtime(model_dir: Path, backend: str = "torch"):
+    config = RuntimeConfig(model=str(model_dir), models_dir=MODELS, device="cpu", backend=backend)
     if runtime.ready and runtime.config == config:
         return runtime.encoder()
     runtime.reset()

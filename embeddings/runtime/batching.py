@@ -10,6 +10,7 @@ Nothing else in the project batches.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -44,6 +45,7 @@ class Batcher:
         max_wait_ms: float = 2.0,
         max_queue: int = 1024,
         name: str = "clip-inference",
+        switch_interval: float | None = None,
     ):
         self._forwards = forwards
         self.max_batch = max_batch
@@ -55,6 +57,10 @@ class Batcher:
         self._stopped = False
         self.batches_run = 0
         self.items_run = 0
+        if switch_interval:
+            # The inference thread gives the GIL back at every torch op; with many request threads
+            # around, Python's default 5 ms switch interval makes it wait that long to get it again.
+            sys.setswitchinterval(min(sys.getswitchinterval(), switch_interval))
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 

@@ -37,6 +37,11 @@ def _embeddings(output) -> torch.Tensor:
     return output[0]
 
 
+def text_input_names(tokenizer) -> list[str]:
+    """The tokenizer outputs a CLIP-family text tower takes."""
+    return [n for n in tokenizer.model_input_names if n != "token_type_ids"]
+
+
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
     return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
@@ -114,7 +119,7 @@ class ClipEncoder:
         self.fixed_text_length = _FIXED_LENGTH_PADDING.get(self.model_type)
         if self.fixed_text_length:
             self.fixed_text_length = min(self.fixed_text_length, self.max_text_tokens)
-        self.text_input_names = [n for n in self.tokenizer.model_input_names if n != "token_type_ids"]
+        self.text_input_names = text_input_names(self.tokenizer)
         scale = getattr(model, "logit_scale", None)
         self.logit_scale = float(scale.exp().item()) if isinstance(scale, torch.Tensor) else 100.0
         self.dim = int(getattr(config, "projection_dim", 0) or 0)

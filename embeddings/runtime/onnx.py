@@ -117,7 +117,10 @@ def quantize_int8(source: Path, path: Path) -> None:
 
 
 def prepare_onnx_files(model, model_dir: Path, *, quantize: str, text_input_names: list[str]) -> dict[str, Path]:
-    """Export (and quantise) both towers unless the cache already holds them for these weights."""
+    """Export (and quantise) both towers unless the cache already holds them for these weights.
+
+    ``model`` is the loaded model, or a function that loads it: only called when an export is due.
+    """
     folder = cache_dir_for(model_dir)
     suffix = ".int8.onnx" if quantize == "int8" else ".onnx"
     fingerprint = _fingerprint(Path(model_dir), quantize)
@@ -137,6 +140,8 @@ def prepare_onnx_files(model, model_dir: Path, *, quantize: str, text_input_name
             " and quantising to int8" if quantize == "int8" else "",
             folder,
         )
+        if callable(model) and not isinstance(model, torch.nn.Module):
+            model = model()
         for kind, input_names in names.items():
             fp32 = folder / f"{kind}.onnx"
             export_tower(model, kind, input_names, fp32)

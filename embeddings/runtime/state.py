@@ -39,7 +39,7 @@ class RuntimeConfig:
     max_batch: int = 32
     max_wait_ms: float = 2.0
     max_queue: int = 1024
-    backend: str = "torch"  # "torch" or "onnx"
+    backend: str = "torch"  # "torch" or "onnx" (ONNX Runtime, on CPU)
     quantize: str = "none"  # "none" or "int8" (onnx)
 
 
@@ -87,17 +87,7 @@ class Runtime:
                     solo_threads=config.solo_threads,
                 )
                 if config.backend == "onnx":
-                    from embeddings.runtime.onnx import OnnxBackend
-
-                    encoder.use_backend(
-                        OnnxBackend.for_model(
-                            model,
-                            source.model_dir,
-                            quantize=config.quantize,
-                            threads=config.torch_threads,
-                            text_input_names=encoder.text_input_names,
-                        )
-                    )
+                    self._use_onnx(encoder, model, source, config)
                 encoder.start_batching(
                     max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, max_queue=config.max_queue
                 )
@@ -134,6 +124,26 @@ class Runtime:
             logger.critical("Cannot load CLIP_MODEL=%r: %s", config.model, exc)
             if on_failure is not None:
                 on_failure(exc)
+
+    @staticmethod
+    def _use_onnx(encoder: ClipEncoder, model, source, config: RuntimeConfig) -> None:
+        """Serve from ONNX Runtime; float32 falls back to torch if the export fails, int8 never does."""
+        from embeddings.runtime.onnx import OnnxBackend
+
+        try:
+            backend = OnnxBackend.for_model(
+                model,
+                source.model_dir,
+                quantize=config.quantize,
+                threads=config.torch_threads,
+                text_input_names=encoder.text_input_names,
+            )
+        except Exception as exc:
+            if config.quantize != "none":
+                raise
+            logger.warning("ONNX export of %s failed (%s): serving it with PyTorch", source.name, exc)
+            return
+        encoder.use_backend(backend)
 
     @staticmethod
     def _set_threads(threads: int) -> None:

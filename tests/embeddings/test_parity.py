@@ -74,8 +74,8 @@ def inputs_and_expected_pils():
     return [(n, d, p if p is not None else Image.open(io.BytesIO(d))) for n, d, p in cases]
 
 
-def check_parity(client, model_dir):
-    load_runtime(model_dir)
+def check_parity(client, model_dir, backend="torch"):
+    assert load_runtime(model_dir, backend).backend.name == backend
     ref_images, ref_texts = reference(model_dir)
     cases = inputs_and_expected_pils()
     parts = [(f"img{i}", data, name) for i, (name, data, _) in enumerate(cases)]
@@ -97,10 +97,12 @@ def check_parity(client, model_dir):
     assert float(stored @ got_images[-2]) < float(want_images[-2] @ got_images[-2])
 
 
-def test_parity_with_transformers_on_tiny(client, tiny_model_dir):
-    check_parity(client, tiny_model_dir)
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_parity_with_transformers_on_tiny(client, tiny_model_dir, backend):
+    check_parity(client, tiny_model_dir, backend)
 
 
 @pytest.mark.slow
-def test_parity_with_transformers_on_vit_b_32(client, vitb32_model_dir):
-    check_parity(client, vitb32_model_dir)
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_parity_with_transformers_on_vit_b_32(client, vitb32_model_dir, backend):
+    check_parity(client, vitb32_model_dir, backend)
