@@ -135,7 +135,7 @@ class Runtime:
                 model,
                 source.model_dir,
                 quantize=config.quantize,
-                threads=config.torch_threads,
+                threads={"image": config.solo_threads or config.torch_threads, "text": config.torch_threads},
                 text_input_names=encoder.text_input_names,
             )
         except Exception as exc:
