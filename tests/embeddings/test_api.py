@@ -292,3 +292,14 @@ def test_image_bytes_are_never_a_text(client, clip):
     # A file part is an image whatever its name; a part without filename is a text, even if binary.
     response = post_raw(client, [("x", image_bytes(img), None)])
     assert error_of(response, 400)["code"] == "invalid_text"
+
+
+def test_part_without_a_name_is_400(client, clip):
+    body = b'--b\r\nContent-Disposition: form-data; filename="x.jpg"\r\n\r\nabc\r\n--b--\r\n'
+    response = client.generic("POST", URL, body, content_type="multipart/form-data; boundary=b")
+    assert error_of(response, 400)["code"] == "invalid_key"
+
+
+def test_multipart_without_boundary_is_400(client, clip):
+    response = client.generic("POST", URL, b"abc", content_type="multipart/form-data")
+    assert error_of(response, 400)["code"] == "malformed_multipart"
