@@ -100,10 +100,12 @@ def similarity_scores(images: np.ndarray, texts: np.ndarray) -> np.ndarray:
 
 
 def vector_out(vector: np.ndarray, encoding: str):
+    """A vector as the client asked: float32 numbers (the renderer writes each float32 exactly, in
+    its shortest form), or base64 of little-endian float32."""
     vector = np.asarray(vector, dtype="<f4")
     if encoding == "base64":
         return base64.b64encode(vector.tobytes()).decode("ascii")
-    return vector.tolist()
+    return vector
 
 
 def embeddings_compute(*, parts: list[Part], request_id: str, normalize: bool = True, encoding: str = "float") -> dict:
