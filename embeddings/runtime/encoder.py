@@ -101,6 +101,7 @@ class ClipEncoder:
         fast_preprocessing: bool = True,
         threads: int = 0,
         solo_threads: int = 0,
+        logit_scale: float | None = None,
     ):
         self.model = model
         self.processor = processor
@@ -121,7 +122,12 @@ class ClipEncoder:
             self.fixed_text_length = min(self.fixed_text_length, self.max_text_tokens)
         self.text_input_names = text_input_names(self.tokenizer)
         scale = getattr(model, "logit_scale", None)
-        self.logit_scale = float(scale.exp().item()) if isinstance(scale, torch.Tensor) else 100.0
+        if logit_scale is not None:
+            self.logit_scale = logit_scale
+        elif isinstance(scale, torch.Tensor) and scale.device.type != "meta":
+            self.logit_scale = float(scale.exp().item())
+        else:
+            self.logit_scale = 100.0
         self.dim = int(getattr(config, "projection_dim", 0) or 0)
         self.fast = FastImagePreprocessor.from_processor(self.image_processor) if fast_preprocessing else None
         if self.fast is not None and not self.fast.agrees_with(self.image_processor):

@@ -138,28 +138,71 @@ def _check_clip_family(model, name: str) -> None:
         )
 
 
-def load_model(source: ModelSource, *, device: str = "cpu"):
-    """Load the model (eval mode, float32) and its processor from the folders of ``source``."""
-    import torch
-    from transformers import AutoModel, AutoProcessor
+def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the torchvision fallback warning is expected: we run without it
     hf_logging.disable_progress_bar()
-    try:
-        model = AutoModel.from_pretrained(source.model_dir, dtype=torch.float32)
-    except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"cannot load a model from {source.model_dir}: {exc}") from exc
-    _check_clip_family(model, source.name or str(source.model_dir))
+
+
+def load_processor(source: ModelSource):
+    """The model's own processor (tokenizer and image processor)."""
+    from transformers import AutoProcessor
+
+    _quiet_transformers()
     try:
         processor = AutoProcessor.from_pretrained(source.processor_dir)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot load the processor from {source.processor_dir}: {exc}") from exc
     if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_processor", None) is None:
         raise ModelLoadError(f"the processor in {source.processor_dir} lacks a tokenizer or an image processor")
+    return processor
+
+
+def load_model(source: ModelSource, *, device: str = "cpu"):
+    """Load the model (eval mode, float32) and its processor from the folders of ``source``."""
+    import torch
+    from transformers import AutoModel
+
+    _quiet_transformers()
+    try:
+        model = AutoModel.from_pretrained(source.model_dir, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load a model from {source.model_dir}: {exc}") from exc
+    _check_clip_family(model, source.name or str(source.model_dir))
+    processor = load_processor(source)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("CLIP_DEVICE=cuda, but torch sees no CUDA device")
     model = model.to(device).eval()
     return model, processor, device
+
+
+def load_model_shell(source: ModelSource):
+    """The model's classes and configuration without its weights (on the meta device), and its
+    processor: all a worker needs when ONNX Runtime holds the weights."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    _quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(source.model_dir)
+        with torch.device("meta"):
+            model = AutoModel.from_config(config)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot read the model's configuration in {source.model_dir}: {exc}") from exc
+    _check_clip_family(model, source.name or str(source.model_dir))
+    return model, load_processor(source)
+
+
+def read_logit_scale(model_dir: Path) -> float | None:
+    """exp(logit_scale) straight from the checkpoint, without loading the other weights."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as checkpoint:
+            for name in checkpoint.keys():  # noqa: SIM118 - safe_open is not a dict
+                if name == "logit_scale" or name.endswith(".logit_scale"):
+                    return float(checkpoint.get_tensor(name).float().exp().item())
+    return None

@@ -116,24 +116,43 @@ def quantize_int8(source: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _cache_layout(model_dir: Path, quantize: str, text_input_names: list[str]):
+    folder = cache_dir_for(model_dir)
+    suffix = ".int8.onnx" if quantize == "int8" else ".onnx"
+    names = {"image": ["pixel_values"], "text": text_input_names}
+    files = {kind: folder / f"{kind}{suffix}" for kind in names}
+    return folder, names, files, _fingerprint(Path(model_dir), quantize)
+
+
+def _cache_is_current(folder: Path, files: dict[str, Path], quantize: str, fingerprint: str) -> bool:
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get(quantize) == fingerprint and all(f.exists() for f in files.values())
+
+
+def cached_onnx_files(model_dir: Path, *, quantize: str, text_input_names: list[str]) -> dict[str, Path] | None:
+    """The exported files when the cache holds them for these weights, else None (nothing is exported)."""
+    folder, _, files, fingerprint = _cache_layout(Path(model_dir), quantize, text_input_names)
+    with _exclusive(folder):
+        return files if _cache_is_current(folder, files, quantize, fingerprint) else None
+
+
 def prepare_onnx_files(model, model_dir: Path, *, quantize: str, text_input_names: list[str]) -> dict[str, Path]:
     """Export (and quantise) both towers unless the cache already holds them for these weights.
 
     ``model`` is the loaded model, or a function that loads it: only called when an export is due.
     """
-    folder = cache_dir_for(model_dir)
-    suffix = ".int8.onnx" if quantize == "int8" else ".onnx"
-    fingerprint = _fingerprint(Path(model_dir), quantize)
-    names = {"image": ["pixel_values"], "text": text_input_names}
+    folder, names, files, fingerprint = _cache_layout(Path(model_dir), quantize, text_input_names)
     with _exclusive(folder):
+        if _cache_is_current(folder, files, quantize, fingerprint):
+            return files
         meta_path = folder / "meta.json"
-        files = {kind: folder / f"{kind}{suffix}" for kind in names}
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):
             meta = {}
-        if meta.get(quantize) == fingerprint and all(f.exists() for f in files.values()):
-            return files
         logger.info(
             "Exporting %s to ONNX%s in %s (once)",
             model_dir,

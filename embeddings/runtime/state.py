@@ -76,18 +76,20 @@ class Runtime:
             try:
                 self._set_threads(config.torch_threads)
                 source = resolve_model_source(config.model, config.models_dir)
-                model, processor, device = load_model(source, device=config.device)
-                encoder = ClipEncoder(
-                    model,
-                    processor,
-                    name=source.name,
-                    device=device,
-                    test_model=source.test_model,
-                    threads=config.torch_threads,
-                    solo_threads=config.solo_threads,
-                )
-                if config.backend == "onnx":
-                    self._use_onnx(encoder, model, source, config)
+                encoder = self._from_onnx_cache(source, config) if config.backend == "onnx" else None
+                if encoder is None:
+                    model, processor, device = load_model(source, device=config.device)
+                    encoder = ClipEncoder(
+                        model,
+                        processor,
+                        name=source.name,
+                        device=device,
+                        test_model=source.test_model,
+                        threads=config.torch_threads,
+                        solo_threads=config.solo_threads,
+                    )
+                    if config.backend == "onnx":
+                        self._use_onnx(encoder, model, source, config)
                 encoder.start_batching(
                     max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, max_queue=config.max_queue
                 )
@@ -104,7 +106,13 @@ class Runtime:
             self._encoder, self.status, self.config = encoder, "ready", config
             self.ready_seconds = time.monotonic() - self.started_at
             self.process_seconds_to_ready = process_age()
-            logger.info("Model %s ready on %s in %.1f s", encoder.name, device, self.ready_seconds)
+            logger.info(
+                "Model %s ready on %s (%s) in %.1f s",
+                encoder.name,
+                encoder.device,
+                encoder.backend.name,
+                self.ready_seconds,
+            )
             return encoder
 
     def start(self, config: RuntimeConfig, *, on_failure=None) -> None:
@@ -126,6 +134,36 @@ class Runtime:
                 on_failure(exc)
 
     @staticmethod
+    def _onnx_threads(config: RuntimeConfig) -> dict[str, int]:
+        return {"image": config.solo_threads or config.torch_threads, "text": config.torch_threads}
+
+    def _from_onnx_cache(self, source, config: RuntimeConfig) -> ClipEncoder | None:
+        """With the export already cached, never load the torch weights: ONNX Runtime holds them."""
+        from embeddings.runtime.encoder import text_input_names
+        from embeddings.runtime.loading import load_model_shell, read_logit_scale
+        from embeddings.runtime.onnx import OnnxBackend, cached_onnx_files
+
+        model, processor = load_model_shell(source)
+        names = text_input_names(processor.tokenizer)
+        files = cached_onnx_files(source.model_dir, quantize=config.quantize, text_input_names=names)
+        if files is None:
+            return None
+        encoder = ClipEncoder(
+            model,
+            processor,
+            name=source.name,
+            device="cpu",
+            test_model=source.test_model,
+            logit_scale=read_logit_scale(source.model_dir),
+        )
+        encoder.use_backend(
+            OnnxBackend(
+                files, threads=self._onnx_threads(config), name="onnx-int8" if config.quantize == "int8" else "onnx"
+            )
+        )
+        return encoder
+
+    @staticmethod
     def _use_onnx(encoder: ClipEncoder, model, source, config: RuntimeConfig) -> None:
         """Serve from ONNX Runtime; float32 falls back to torch if the export fails, int8 never does."""
         from embeddings.runtime.onnx import OnnxBackend
@@ -135,7 +173,7 @@ class Runtime:
                 model,
                 source.model_dir,
                 quantize=config.quantize,
-                threads={"image": config.solo_threads or config.torch_threads, "text": config.torch_threads},
+                threads=Runtime._onnx_threads(config),
                 text_input_names=encoder.text_input_names,
             )
         except Exception as exc:

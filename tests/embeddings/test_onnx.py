@@ -63,3 +63,26 @@ def test_onnx_export_is_cached_next_to_the_model(model_copy):
     assert {"image.int8.onnx", "text.int8.onnx"} <= set(files)
     load(model_copy, "int8").batcher.stop()
     assert {p.name: p.stat().st_mtime_ns for p in cached.glob("*.onnx")} == files  # not exported again
+
+
+def test_a_cached_export_is_served_without_loading_the_torch_weights(model_copy, monkeypatch):
+    from embeddings.runtime import loading
+
+    load(model_copy, "none").batcher.stop()  # exports (or finds) the float32 files
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the torch weights were loaded although the ONNX export is cached")
+
+    monkeypatch.setattr(loading, "load_model", no_weights)
+    monkeypatch.setattr("embeddings.runtime.state.load_model", no_weights)
+    encoder = load(model_copy, "none")
+    try:
+        assert encoder.backend.name == "onnx"
+        from embeddings.runtime.loading import read_logit_scale
+
+        assert encoder.logit_scale == pytest.approx(read_logit_scale(model_copy / "model-clip"))
+        assert encoder.logit_scale == pytest.approx(float(np.exp(2.6592)), rel=1e-4)
+        vectors, _ = encoder.encode_texts(TEXTS)
+        assert vectors.shape == (len(TEXTS), encoder.dim)
+    finally:
+        encoder.batcher.stop()
