@@ -22,9 +22,11 @@ RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/wh
 
 COPY --chown=clip:clip . .
 USER clip
-RUN python manage.py collectstatic --noinput -v 0
+# A key for this build step only: settings would otherwise keep a generated one in the image.
+RUN DJANGO_SECRET_KEY=collectstatic-only python manage.py collectstatic --noinput -v 0
 
-VOLUME ["/home/models/clip_models"]
+# The models (and their ONNX exports), and var/: the SQLite database and the generated secret key.
+VOLUME ["/home/models/clip_models", "/app/var"]
 EXPOSE 8081
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
     CMD python -c "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ.get(\"PORT\", \"8081\")}/readyz', timeout=4)" || exit 1

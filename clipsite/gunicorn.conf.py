@@ -26,3 +26,7 @@ coordination.create_shared()
 
 def post_fork(server, worker):
     coordination.set_slot(worker.age)
+
+
+def child_exit(server, worker):
+    coordination.clear_slot(worker.age)

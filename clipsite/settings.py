@@ -193,6 +193,10 @@ WEARABLE_STORE_IMAGES = env_bool("WEARABLE_STORE_IMAGES", False)
 
 if CLIP_QUANTIZE == "int8" and CLIP_RUNTIME == "torch":
     CONFIG_ERRORS.append(("CLIP_QUANTIZE", "CLIP_QUANTIZE=int8 needs CLIP_RUNTIME=onnx (or auto)"))
+if CLIP_QUANTIZE == "int8" and CLIP_DEVICE == "cuda":
+    CONFIG_ERRORS.append(
+        ("CLIP_QUANTIZE", "CLIP_QUANTIZE=int8 runs on the CPU (ONNX Runtime): not with CLIP_DEVICE=cuda")
+    )
 if CLIP_RUNTIME == "onnx" and CLIP_DEVICE == "cuda":
     CONFIG_ERRORS.append(
         ("CLIP_RUNTIME", "CLIP_RUNTIME=onnx runs on the CPU: use torch (or auto) with CLIP_DEVICE=cuda")

@@ -160,11 +160,17 @@ def api_exception_handler(exc: Exception, context: dict) -> Response:
 
 def from_runtime(exc: Exception) -> Exception:
     """The runtime knows nothing of HTTP: its two expected failures map onto API errors here."""
+    from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
+
     from embeddings.runtime.batching import QueueFull
     from embeddings.runtime.state import RuntimeNotReady
 
     if isinstance(exc, QueueFull):
         return Overloaded()
+    if isinstance(exc, RequestDataTooBig):
+        return TooLarge("The request body is over the size limit.", code="request_too_large")
+    if isinstance(exc, SuspiciousOperation):  # too many fields or files, and Django's other guards
+        return BadRequest("The request was refused: it exceeds one of the server's safety limits.")
     if isinstance(exc, RuntimeNotReady):
         return NotReady()
     return exc

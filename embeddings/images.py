@@ -174,6 +174,9 @@ def _stored_size(im: Image.Image) -> tuple[int, int]:
     return im.size
 
 
+MAX_ASPECT_RATIO = 100
+
+
 def _check_pixel_count(size: tuple[int, int], max_pixels: int, key: str | None) -> None:
     width, height = size
     if width <= 0 or height <= 0:
@@ -181,6 +184,13 @@ def _check_pixel_count(size: tuple[int, int], max_pixels: int, key: str | None) 
     if width * height > max_pixels:
         raise TooLarge(
             f"The image is {width}x{height} pixels; the server decodes at most {max_pixels:,} pixels.",
+            key=key,
+            code="image_too_large",
+        )
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        # Resizing the short side to the model's input would blow a 1x50000 sliver up to gigabytes.
+        raise TooLarge(
+            f"The image is {width}x{height} pixels: its sides differ by more than {MAX_ASPECT_RATIO}:1.",
             key=key,
             code="image_too_large",
         )

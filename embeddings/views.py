@@ -8,7 +8,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from embeddings import errors, services
-from embeddings.multipart import ClipMultiPartParser
+from embeddings.multipart import ClipMultiPartParser, check_declared_length
 from embeddings.renderers import FastJSONRenderer
 from embeddings.runtime.state import runtime
 from embeddings.serializers import EmbeddingsForm, ImageUploadForm
@@ -43,6 +43,12 @@ class ClipApiView(APIView):
     authentication_classes = []  # a public API: no session, so no CSRF check on API clients
     # Read by DRF's browsable page only, to draw its HTML upload form; the views parse parts themselves.
     serializer_class = ImageUploadForm
+
+    def initial(self, request, *args, **kwargs):
+        # Every body, whatever its parser, is refused before it is read when it declares too many bytes.
+        if request.method in ("POST", "PUT", "PATCH"):
+            check_declared_length(request.META)
+        super().initial(request, *args, **kwargs)
 
     def http_method_not_allowed(self, request, *args, **kwargs):
         # A browser opening the URL gets DRF's page with the upload form; any other GET stays a 405.

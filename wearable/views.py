@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 
-from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
 
 from embeddings import errors
+from embeddings.parsers import SafeJSONParser
 from embeddings.views import ClipApiView
 from wearable import services
 
@@ -59,7 +60,7 @@ def feedback_input(data) -> tuple[str, list[str]]:
 class FeedbackView(ClipApiView):
     """The categories a user says are right for an earlier wearable answer."""
 
-    parser_classes = [JSONParser, FormParser, MultiPartParser]
+    parser_classes = [SafeJSONParser, FormParser, MultiPartParser]
     serializer_class = None  # a JSON body: DRF's raw-data form fits it
 
     def post(self, request):

@@ -29,6 +29,12 @@ def set_slot(worker_age: int) -> None:
     _slot = worker_age % SLOTS
 
 
+def clear_slot(worker_age: int) -> None:
+    """In the master when a worker exits: a worker killed mid-forward must not stay 'busy'."""
+    if _shared is not None:
+        _shared[worker_age % SLOTS] = 0
+
+
 def others_busy() -> bool:
     if _shared is None:
         return False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -133,6 +134,7 @@ class ClipEncoder:
         if self.fast is not None and not self.fast.agrees_with(self.image_processor):
             self.fast = None
         self.batcher: Batcher | None = None
+        self._tokenizer_lock = threading.Lock()
 
     @property
     def is_test_model(self) -> bool:
@@ -164,20 +166,23 @@ class ClipEncoder:
     # --- texts ---------------------------------------------------------------------------------
     def prepare_texts(self, texts: Sequence[str]) -> list[PreparedText]:
         """Token ids as the model's own tokenizer gives them, truncated to the model's context."""
-        full = self.tokenizer(list(texts), truncation=False, padding=False)["input_ids"]
         limit = self.fixed_text_length or self.max_text_tokens
-        cut = self.tokenizer(list(texts), truncation=True, max_length=limit, padding=False)["input_ids"]
+        # A fast tokenizer keeps its truncation setting in shared state: one request thread at a time.
+        with self._tokenizer_lock:
+            full = self.tokenizer(list(texts), truncation=False, padding=False)["input_ids"]
+            cut = self.tokenizer(list(texts), truncation=True, max_length=limit, padding=False)["input_ids"]
         return [PreparedText(list(c), len(f) > self.max_text_tokens) for f, c in zip(full, cut, strict=True)]
 
     def forward_texts(self, items: Sequence[PreparedText]) -> np.ndarray:
         """One forward for a batch; CLIP pads to the batch's longest text (exact, thanks to its mask)."""
         padding = "max_length" if self.fixed_text_length else "longest"
-        padded = self.tokenizer.pad(
-            {"input_ids": [item.ids for item in items]},
-            padding=padding,
-            max_length=self.fixed_text_length,
-            return_tensors="np",
-        )
+        with self._tokenizer_lock:
+            padded = self.tokenizer.pad(
+                {"input_ids": [item.ids for item in items]},
+                padding=padding,
+                max_length=self.fixed_text_length,
+                return_tensors="np",
+            )
         inputs = {k: np.asarray(padded[k], dtype=np.int64) for k in self.text_input_names if k in padded}
         return self.backend.text_features(inputs)
 

@@ -78,7 +78,13 @@ def resolve_model_source(spec: str, models_dir: Path, *, allow_download: bool = 
     if not has_layout(cache):
         if not allow_download:
             raise ModelLoadError(f"{spec} is not in {cache} and downloading is off")
-        fetch_model(spec, cache)
+        try:
+            fetch_model(spec, cache)
+        except OSError as exc:
+            raise ModelLoadError(
+                f"cannot store {spec} under CLIP_MODELS_DIR={models_dir} ({exc.strerror or exc}): "
+                "set CLIP_MODELS_DIR to a folder this user can write"
+            ) from exc
     source = _source(spec, cache / MODEL_SUBDIR, cache / PROCESSOR_SUBDIR, "hub")
     return ModelSource(spec, source.model_dir, source.processor_dir, "hub", source.test_model)
 

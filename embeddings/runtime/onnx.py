@@ -56,15 +56,14 @@ def cache_dir_for(model_dir: Path) -> Path:
     preferred = Path(model_dir) / CACHE_SUBDIR
     try:
         preferred.mkdir(exist_ok=True)
-        probe = preferred / ".write-test"
-        probe.touch()
-        probe.unlink()
-        return preferred
+        if os.access(preferred, os.W_OK | os.X_OK):
+            return preferred
     except OSError:
-        key = hashlib.sha256(str(Path(model_dir).resolve()).encode()).hexdigest()[:16]
-        fallback = Path(tempfile.gettempdir()) / "clipsite-onnx" / key
-        fallback.mkdir(parents=True, exist_ok=True)
-        return fallback
+        pass
+    key = hashlib.sha256(str(Path(model_dir).resolve()).encode()).hexdigest()[:16]
+    fallback = Path(tempfile.gettempdir()) / "clipsite-onnx" / key
+    fallback.mkdir(parents=True, exist_ok=True)
+    return fallback
 
 
 @contextlib.contextmanager

@@ -314,3 +314,35 @@ def test_float_vectors_are_exact_float32_in_their_shortest_form(client, clip):
     assert np.array_equal(got, want)  # bit for bit after the round trip
     first = response.content.split(b"[", 2)[2].split(b",")[0]
     assert len(first.lstrip(b"-").rstrip(b"]")) <= 14  # no 17-digit double expansions
+
+
+def test_a_sliver_image_is_refused_before_it_is_resized_to_gigabytes(client, clip):
+    sliver = image_bytes(Image.new("RGB", (1, 5000), (200, 10, 10)))
+    error = error_of(post(client, {"s": upload(sliver, "s.png")}), 413)
+    assert error["code"] == "image_too_large" and error["key"] == "s"
+
+
+def test_too_many_query_fields_is_a_400_not_a_500(client, clip):
+    response = post(client, {"t": "x"}, path=URL + "?" + "&".join(f"a{i}=1" for i in range(1100)))
+    assert error_of(response, 400)["code"] == "bad_request"
+
+
+def test_concurrent_text_requests_do_not_race_on_the_tokenizer(clip):
+    import threading
+
+    texts = [" ".join(["word"] * (i % 90 + 1)) for i in range(60)]  # some over the 77-token context
+    failures = []
+
+    def call(text):
+        try:
+            vectors, truncated = clip.encode_texts([text])
+            assert vectors.shape == (1, clip.dim)
+        except Exception as exc:  # noqa: BLE001
+            failures.append(exc)
+
+    threads = [threading.Thread(target=call, args=(t,)) for t in texts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []

@@ -154,3 +154,19 @@ def test_the_latest_feedback_decides_whether_the_answer_was_wrong(client, answer
     post_json(client, {"request_id": "answer-1", "categories": [top]})
     assert Feedback.objects.count() == 2
     assert Prediction.objects.get().answer_was_wrong is False
+
+
+def test_deeply_nested_feedback_json_is_a_400_not_a_500(client):
+    body = "[" * 100_000 + "]" * 100_000
+    response = client.post("/syte_test/feedback", data=body, content_type="application/json")
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "malformed_request"
+
+
+def test_feedback_over_the_request_limit_is_refused_before_it_is_read(client, settings):
+    settings.CLIP_MAX_REQUEST_BYTES = 1000
+    response = client.post(
+        "/syte_test/feedback", data={"request_id": "x", "pad": "y" * 2000}, content_type="application/json"
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
