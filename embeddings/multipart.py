@@ -177,7 +177,6 @@ class ClipMultiPartParser(BaseParser):
 
     def parse(self, stream, media_type=None, parser_context=None):
         request = parser_context["request"]
-        meta = request.META
-        check_declared_length(meta)
+        meta = request.META  # the declared length was checked before parsing (ClipApiView.initial)
         form = read_form(stream, meta.get("CONTENT_TYPE", media_type or ""), declared_length(meta))
         return DataAndFiles(form, MultiValueDict())

@@ -12,7 +12,7 @@ from embeddings.conf import limits
 from embeddings.images import decode_image
 from embeddings.multipart import Part
 from embeddings.runtime.encoder import ClipEncoder, l2_normalize
-from embeddings.runtime.state import RuntimeNotReady, runtime
+from embeddings.runtime.state import runtime
 
 ENCODINGS = ("float", "base64")
 
@@ -24,14 +24,11 @@ class EncodedParts:
     texts_raw: np.ndarray  # (n_texts, dim) float32 projections
     images_raw: np.ndarray
     truncated: list[str]
-    image_hashes: list[str]
 
 
 def current_encoder() -> ClipEncoder:
-    try:
-        return runtime.encoder()
-    except RuntimeNotReady as exc:
-        raise errors.NotReady() from exc
+    """The loaded encoder; before it is ready, RuntimeNotReady (errors.py answers it with 503 not_ready)."""
+    return runtime.encoder()
 
 
 def text_of(part: Part, *, max_words: int) -> str:
@@ -71,7 +68,6 @@ def encode_parts(parts: list[Part]) -> EncodedParts:
         texts_raw=texts_raw,
         images_raw=images_raw,
         truncated=[k for (k, _), flag in zip(texts, truncated_flags, strict=True) if flag],
-        image_hashes=[d.sha256 for _, d in decoded],
     )
 
 
