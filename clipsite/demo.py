@@ -11,15 +11,14 @@ import base64
 import io
 import uuid
 
-from django.conf import settings
 from django.http import HttpResponsePermanentRedirect
 from django.shortcuts import render
 from django.templatetags.static import static
 from django.urls import path
 from django.views.decorators.http import require_GET, require_http_methods
 
+from clipsite.config import current
 from embeddings import errors
-from embeddings.conf import limits
 from embeddings.multipart import Part, check_declared_length
 from embeddings.runtime.state import runtime
 from embeddings.services import embeddings_compute
@@ -40,7 +39,7 @@ def human_size(n: int) -> str:
 
 def friendly_messages() -> dict[str, str]:
     """What the page says for each API error code (the script gets the same table)."""
-    lim = limits()
+    lim = current().limits
     return {
         "invalid_image": "That file isn't an image we can read. Try a JPEG or PNG.",
         "unsupported_image": "That image format isn't supported here. Try a JPEG or PNG.",
@@ -69,18 +68,16 @@ def friendly_message(code: str) -> str:
 def model_status() -> dict:
     """What the banner shows: the model's name, and whether it is a random-weight test model."""
     if runtime.ready:
-        encoder = runtime.encoder()
-        return {"state": "ready", "name": encoder.name, "is_test_model": encoder.is_test_model}
-    return {"state": "failed" if runtime.status == "failed" else "loading", "name": settings.CLIP_MODEL or None}
+        engine = runtime.engine()
+        return {"state": "ready", "name": engine.name, "is_test_model": engine.is_test_model}
+    return {"state": "failed" if runtime.status == "failed" else "loading", "name": current().runtime.model or None}
 
 
 def uploaded_part(upload, key: str) -> Part:
     """A part for the services from one of Django's uploads, under the API's per-file limit."""
-    max_bytes = limits().max_file_bytes
+    max_bytes = current().limits.max_file_bytes
     if upload.size > max_bytes:
-        raise errors.TooLarge(
-            f"Part {key!r} is over the limit of {max_bytes} bytes per file.", key=key, code="file_too_large"
-        )
+        raise errors.FileTooLarge(f"Part {key!r} is over the limit of {max_bytes} bytes per file.", key=key)
     return Part(key, upload.read(), upload.name or "upload", upload.content_type)
 
 
@@ -156,10 +153,10 @@ def index(request):
         "config": {
             "embeddingsUrl": EMBEDDINGS_URL,
             "wearableUrl": WEARABLE_URL,
-            "maxFileBytes": limits().max_file_bytes,
+            "maxFileBytes": current().limits.max_file_bytes,
             "messages": friendly_messages(),
         },
-        "max_file_size": human_size(limits().max_file_bytes),
+        "max_file_size": human_size(current().limits.max_file_bytes),
         "embeddings_url": EMBEDDINGS_URL,
         "wearable_url": WEARABLE_URL,
     }
@@ -174,7 +171,7 @@ def index(request):
             check_declared_length(request.META)
             result = handler(request)
         except Exception as exc:  # noqa: BLE001 - the API's own table says which errors are the client's
-            api_error = errors.from_runtime(exc)
+            api_error = errors.as_api_error(exc)
             if not isinstance(api_error, errors.ApiError):
                 raise
             result, status = {"error": friendly_message(api_error.code)}, api_error.status_code

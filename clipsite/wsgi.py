@@ -1,11 +1,13 @@
-"""WSGI entry point: checks the configuration, then starts loading the model in the background."""
+"""WSGI entry point: checks the configuration, then starts loading the prepared model in the background."""
 
 import os
 import sys
 
-from django.core.wsgi import get_wsgi_application
-
+# Workers load only what prepare_model made: nothing of the Hugging Face hub is ever asked for here.
+os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "clipsite.settings")
+
+from django.core.wsgi import get_wsgi_application  # noqa: E402
 
 application = get_wsgi_application()
 

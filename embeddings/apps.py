@@ -24,15 +24,15 @@ class EmbeddingsConfig(AppConfig):
     def warm_up() -> None:
         """Start loading the model in the background, once per process (a server's start calls this).
 
-        Idempotent, and never touches the database. A model that cannot be loaded ends the process
-        with a non-zero status: a configured model never silently falls back.
+        Idempotent, and never touches the database or the network: it loads what ``prepare_model``
+        made. A model that cannot be loaded (or is not prepared) ends the process with a non-zero
+        status and a message saying why: a configured model never silently falls back.
         """
-        from django.conf import settings
-
-        from embeddings.conf import runtime_config
+        from clipsite.config import current
         from embeddings.runtime.state import runtime
 
-        if not settings.CLIP_WARMUP:
+        settings = current().runtime
+        if not settings.warmup:
             return
 
         def die(exc: Exception) -> None:
@@ -40,4 +40,4 @@ class EmbeddingsConfig(AppConfig):
             sys.stderr.flush()
             os._exit(EXIT_MODEL_LOAD_FAILED)
 
-        runtime.start(runtime_config(), on_failure=die)
+        runtime.start(settings, on_failure=die)

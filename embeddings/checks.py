@@ -1,20 +1,14 @@
-"""System checks: a bad configuration stops the start with a message naming the variable."""
+"""System checks: each bad configuration value stops the start with its own id, naming the variable."""
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.core import checks
-
-from clipsite.env import CONFIG_ERRORS
 
 
 @checks.register(checks.Tags.compatibility)
 def check_environment(app_configs=None, **kwargs):
     return [
-        checks.Error(
-            message,
-            hint=f"Fix or unset the environment variable {name}; README.md lists the accepted values.",
-            obj=name,
-            id="embeddings.E001",
-        )
-        for name, message in CONFIG_ERRORS
+        checks.Error(problem.message, hint=problem.hint, obj=problem.variable, id=problem.check_id)
+        for problem in settings.CLIPSITE_PROBLEMS
     ]

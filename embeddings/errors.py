@@ -1,6 +1,7 @@
-"""One error tree for the API: each error carries its HTTP status and a stable code.
+"""The one error table of the API: each error class carries its HTTP status, stable code and Retry-After.
 
-``api_exception_handler`` is the single table from exceptions to responses; views never catch.
+Every code README lists is a class here. ``api_exception_handler`` turns any exception into the one
+response shape; views never catch.
 """
 
 from __future__ import annotations
@@ -16,21 +17,26 @@ logger = logging.getLogger(__name__)
 
 
 class ApiError(drf_exceptions.APIException):
-    """Base of every error the API reports; ``key`` names the form part at fault, if any."""
+    """Base of every error the API reports; ``key`` names the form part at fault, if any.
+
+    Each subclass is one row of the table: its HTTP status, its stable code, its default message and,
+    for the errors a client should retry, ``retry_after`` in seconds.
+    """
 
     status_code = status.HTTP_400_BAD_REQUEST
     default_code = "bad_request"
     default_detail = "The request is not valid."
+    retry_after: int | None = None
 
-    def __init__(self, message: str | None = None, *, key: str | None = None, code: str | None = None):
+    def __init__(self, message: str | None = None, *, key: str | None = None):
         self.message = message or self.default_detail
         self.key = key
-        self.code = code or self.default_code
+        self.code = self.default_code
         super().__init__(detail=self.message, code=self.code)
 
 
 class BadRequest(ApiError):
-    pass
+    default_detail = "The request was refused: it exceeds one of the server's safety limits."
 
 
 class EmptyRequest(BadRequest):
@@ -69,14 +75,46 @@ class InvalidParameter(BadRequest):
     default_code = "invalid_parameter"
 
 
-class MalformedRequest(BadRequest):
+class MalformedMultipart(BadRequest):
     default_code = "malformed_multipart"
     default_detail = "The body is not well-formed multipart/form-data."
+
+
+class InvalidContentLength(BadRequest):
+    default_code = "invalid_content_length"
+    default_detail = "The Content-Length header is not a number."
+
+
+class MalformedRequest(BadRequest):
+    default_code = "malformed_request"
+    default_detail = "The body is not valid JSON."
 
 
 class TooLarge(ApiError):
     status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
     default_code = "too_large"
+
+
+class RequestTooLarge(TooLarge):
+    default_code = "request_too_large"
+    default_detail = "The request body is over the size limit."
+
+
+class FileTooLarge(TooLarge):
+    default_code = "file_too_large"
+
+
+class ImageTooLarge(TooLarge):
+    default_code = "image_too_large"
+    default_detail = "The image has more pixels than the server will decode."
+
+
+class TooManyParts(TooLarge):
+    default_code = "too_many_parts"
+
+
+class KeyTooLong(TooLarge):
+    default_code = "key_too_long"
 
 
 class UnsupportedMediaType(ApiError):
@@ -96,19 +134,44 @@ class NotFound(ApiError):
     default_detail = "There is nothing at this path."
 
 
+class MethodNotAllowed(ApiError):
+    status_code = status.HTTP_405_METHOD_NOT_ALLOWED
+    default_code = "method_not_allowed"
+
+
+class NotAcceptable(ApiError):
+    status_code = status.HTTP_406_NOT_ACCEPTABLE
+    default_code = "not_acceptable"
+
+
 class NotReady(ApiError):
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     default_code = "not_ready"
     default_detail = "The model is still loading; try again in a few seconds."
+    retry_after = 5
 
 
 class Overloaded(ApiError):
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     default_code = "overloaded"
     default_detail = "The server is at capacity; try again shortly."
+    retry_after = 5
 
 
-# DRF's own exceptions, mapped onto our stable codes.
+class Timeout(ApiError):
+    status_code = status.HTTP_504_GATEWAY_TIMEOUT
+    default_code = "timeout"
+    default_detail = "The request waited longer than the server's deadline for the model; try again."
+    retry_after = 5
+
+
+class InternalError(ApiError):
+    status_code = status.HTTP_500_INTERNAL_SERVER_ERROR
+    default_code = "internal_error"
+    default_detail = "The server failed to handle this request; it has been logged."
+
+
+# DRF's own exceptions, each mapped onto our stable code (and its status).
 _DRF_CODES = {
     drf_exceptions.MethodNotAllowed: "method_not_allowed",
     drf_exceptions.NotAcceptable: "not_acceptable",
@@ -117,6 +180,7 @@ _DRF_CODES = {
     drf_exceptions.NotFound: "not_found",
     drf_exceptions.PermissionDenied: "permission_denied",
     drf_exceptions.NotAuthenticated: "not_authenticated",
+    drf_exceptions.AuthenticationFailed: "not_authenticated",
     drf_exceptions.Throttled: "throttled",
 }
 
@@ -134,11 +198,11 @@ def api_exception_handler(exc: Exception, context: dict) -> Response:
     """DRF's EXCEPTION_HANDLER: every API error leaves in one JSON shape with the request_id."""
     request_id = _request_id_of(context)
     headers = {}
-    exc = from_runtime(exc)
+    exc = as_api_error(exc)
     if isinstance(exc, ApiError):
         status_code, code, message, key = exc.status_code, exc.code, exc.message, exc.key
-        if isinstance(exc, NotReady | Overloaded):
-            headers["Retry-After"] = "5"
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(exc.retry_after)
     elif isinstance(exc, Http404):
         status_code, code, message, key = 404, "not_found", NotFound.default_detail, None
     elif isinstance(exc, drf_exceptions.APIException):
@@ -148,31 +212,43 @@ def api_exception_handler(exc: Exception, context: dict) -> Response:
         if isinstance(exc, drf_exceptions.MethodNotAllowed):
             allowed = context.get("view").allowed_methods if context.get("view") else []
             headers["Allow"] = ", ".join(allowed)
+        wait = getattr(exc, "wait", None)
+        if wait:
+            headers["Retry-After"] = str(max(1, int(wait)))
     else:
         logger.exception("Unhandled error in %s", context.get("view").__class__.__name__)
-        status_code, code, key = 500, "internal_error", None
-        message = "The server failed to handle this request; it has been logged."
+        error = InternalError()
+        status_code, code, message, key = error.status_code, error.code, error.message, None
     response = Response(error_body(request_id, code, message, key), status=status_code, headers=headers)
     if request_id:
         response["request_id"] = request_id
     return response
 
 
-def from_runtime(exc: Exception) -> Exception:
-    """The runtime knows nothing of HTTP: its two expected failures map onto API errors here."""
+def _runtime_errors() -> dict[type[Exception], type[ApiError]]:
+    """The runtime knows nothing of HTTP: its expected failures, and Django's guards, as API errors."""
     from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 
-    from embeddings.runtime.batching import QueueFull
+    from embeddings.runtime.engine import DeadlineExceeded, EngineStopped, QueueFull
     from embeddings.runtime.state import RuntimeNotReady
 
-    if isinstance(exc, QueueFull):
-        return Overloaded()
-    if isinstance(exc, RequestDataTooBig):
-        return TooLarge("The request body is over the size limit.", code="request_too_large")
-    if isinstance(exc, SuspiciousOperation):  # too many fields or files, and Django's other guards
-        return BadRequest("The request was refused: it exceeds one of the server's safety limits.")
-    if isinstance(exc, RuntimeNotReady):
-        return NotReady()
+    return {
+        QueueFull: Overloaded,
+        DeadlineExceeded: Timeout,
+        RuntimeNotReady: NotReady,
+        EngineStopped: NotReady,  # the worker is stopping; another one answers the retry
+        RequestDataTooBig: RequestTooLarge,
+        SuspiciousOperation: BadRequest,  # too many fields or files, and Django's other guards
+    }
+
+
+def as_api_error(exc: Exception) -> Exception:
+    """``exc`` as the API error that answers it, or ``exc`` itself when none does."""
+    if isinstance(exc, ApiError):
+        return exc
+    for runtime_type, api_type in _runtime_errors().items():
+        if isinstance(exc, runtime_type):
+            return api_type()
     return exc
 
 

@@ -16,7 +16,6 @@ nothing of its text reaches the client.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import struct
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from embeddings.errors import ApiError, InvalidImage, TooLarge, UnsupportedImage
+from embeddings.errors import ApiError, ImageTooLarge, InvalidImage, UnsupportedImage
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +52,6 @@ class DecodedImage:
     image: Image.Image  # mode "RGB", EXIF orientation applied, loaded, no metadata
     format: str  # Pillow's format name, one of SUPPORTED_FORMATS
     original_size: tuple[int, int]  # (w, h) as stored in the file, before draft and orientation
-    sha256: str  # hex digest of the uploaded bytes
 
 
 def decode_image(
@@ -83,7 +81,6 @@ def decode_image(
         raise ValueError("draft_min_side must be positive")
     if not data:
         raise InvalidImage("The image file is empty.", key=key)
-    digest = hashlib.sha256(data).hexdigest()
 
     # Pillow warns (and past twice its limit, raises) about decompression bombs: make the warning an
     # error so it cannot slip through as a log line. Its UserWarnings are about flaws in the bytes
@@ -108,9 +105,7 @@ def decode_image(
         except ApiError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise TooLarge(
-                "The image has more pixels than the server will decode.", key=key, code="image_too_large"
-            ) from exc
+            raise ImageTooLarge("The image has more pixels than the server will decode.", key=key) from exc
         except Exception as exc:
             # Pillow's plugins raise a wide, undocumented set of types on bad input (OSError,
             # SyntaxError, ValueError, struct.error, EOFError, IndexError, TypeError, KeyError,
@@ -119,7 +114,7 @@ def decode_image(
             raise InvalidImage(key=key) from exc
 
     rgb.info = {}  # pixels only: stale metadata (an orientation tag) must not be applied twice
-    return DecodedImage(image=rgb, format=fmt, original_size=original_size, sha256=digest)
+    return DecodedImage(image=rgb, format=fmt, original_size=original_size)
 
 
 def _open_supported(data: bytes, key: str | None) -> Image.Image:
@@ -182,17 +177,13 @@ def _check_pixel_count(size: tuple[int, int], max_pixels: int, key: str | None) 
     if width <= 0 or height <= 0:
         raise InvalidImage("The image has no pixels.", key=key)
     if width * height > max_pixels:
-        raise TooLarge(
-            f"The image is {width}x{height} pixels; the server decodes at most {max_pixels:,} pixels.",
-            key=key,
-            code="image_too_large",
+        raise ImageTooLarge(
+            f"The image is {width}x{height} pixels; the server decodes at most {max_pixels:,} pixels.", key=key
         )
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         # Resizing the short side to the model's input would blow a 1x50000 sliver up to gigabytes.
-        raise TooLarge(
-            f"The image is {width}x{height} pixels: its sides differ by more than {MAX_ASPECT_RATIO}:1.",
-            key=key,
-            code="image_too_large",
+        raise ImageTooLarge(
+            f"The image is {width}x{height} pixels: its sides differ by more than {MAX_ASPECT_RATIO}:1.", key=key
         )
 
 

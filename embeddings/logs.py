@@ -1,8 +1,22 @@
-"""Logging filters."""
+"""Logging: every line of a request carries its request_id, and health probes stay out of the log."""
 
+from __future__ import annotations
+
+import contextvars
 import logging
 
 _PROBES = ("/healthz", "/readyz")
+# Set by ApiEdgeMiddleware for the request a thread is serving; "-" outside any request.
+current_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+class RequestIdFilter(logging.Filter):
+    """Give every record the request_id of the request being served (the handler's format prints it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = current_request_id.get()
+        return True
 
 
 class NotAProbe(logging.Filter):

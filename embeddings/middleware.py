@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import uuid
 
+from embeddings.logs import current_request_id
+
 API_PREFIX = "/syte_test/"
 _PRINTABLE = re.compile(r"^[\x20-\x7e]{1,128}$")
 # The original spec names the header request_id; gunicorn passes it on with header_map="dangerous".
@@ -34,8 +36,12 @@ class ApiEdgeMiddleware:
         if request.path_info.startswith(API_PREFIX):
             raw = next((request.META[h] for h in _REQUEST_ID_HEADERS if request.META.get(h)), None)
             request.request_id = clean_request_id(raw)
-        response = self.get_response(request)
         request_id = getattr(request, "request_id", None)
+        token = current_request_id.set(request_id or "-")  # every log line of this request names it
+        try:
+            response = self.get_response(request)
+        finally:
+            current_request_id.reset(token)
         if request_id and not response.has_header("request_id"):
             response["request_id"] = request_id
         return response

@@ -23,8 +23,8 @@ from django.utils.datastructures import MultiValueDict
 from django.utils.http import parse_header_parameters
 from rest_framework.parsers import BaseParser, DataAndFiles
 
+from clipsite.config import current
 from embeddings import errors
-from embeddings.conf import limits
 
 _CHUNK = 64 * 1024
 # Fields an HTML form adds on its own (DRF's browsable page posts Django's CSRF token): not inputs.
@@ -76,25 +76,23 @@ def check_declared_length(meta) -> None:
     """Refuse a body whose declared length is over the request limit, before reading a byte of it."""
     length = declared_length(meta)
     if length is None:
-        raise errors.MalformedRequest("The Content-Length header is not a number.", code="invalid_content_length")
-    if length > limits().max_request_bytes:
-        raise errors.TooLarge(
-            f"The request body is {length} bytes; the limit is {limits().max_request_bytes} bytes.",
-            code="request_too_large",
+        raise errors.InvalidContentLength()
+    if length > current().limits.max_request_bytes:
+        raise errors.RequestTooLarge(
+            f"The request body is {length} bytes; the limit is {current().limits.max_request_bytes} bytes."
         )
 
 
 def read_form(stream, content_type: str, content_length: int | None) -> Form:
     """Parse a multipart body from ``stream`` into a Form, enforcing every limit while reading."""
-    lim = limits()
+    lim = current().limits
     _, params = parse_header_parameters(content_type or "")
     boundary = params.get("boundary", "")
     if not boundary or len(boundary) > 70 or not boundary.isascii():
-        raise errors.MalformedRequest("The multipart Content-Type has no valid boundary parameter.")
+        raise errors.MalformedMultipart("The multipart Content-Type has no valid boundary parameter.")
     if content_length is not None and content_length > lim.max_request_bytes:
-        raise errors.TooLarge(
-            f"The request body is {content_length} bytes; the limit is {lim.max_request_bytes} bytes.",
-            code="request_too_large",
+        raise errors.RequestTooLarge(
+            f"The request body is {content_length} bytes; the limit is {lim.max_request_bytes} bytes."
         )
     form, seen, total, preamble, browser_form = Form(), set(), 0, 0, False
     lazy = LazyStream(ChunkIter(stream, _CHUNK))
@@ -116,20 +114,16 @@ def read_form(stream, content_type: str, content_length: int | None) -> Form:
                 raise errors.InvalidKey("A part has no name: every part needs a key (its form field name).")
             key = key.strip()
             if len(key) > lim.max_key_chars:
-                raise errors.TooLarge(
-                    f"A key is {len(key)} characters long; the limit is {lim.max_key_chars}.",
-                    key=key[:64],
-                    code="key_too_long",
+                raise errors.KeyTooLong(
+                    f"A key is {len(key)} characters long; the limit is {lim.max_key_chars}.", key=key[:64]
                 )
             data = bytearray()
             for chunk in part_stream:
                 data += chunk
                 total += len(chunk)
                 if len(data) > lim.max_file_bytes:
-                    raise errors.TooLarge(
-                        f"Part {key!r} is over the limit of {lim.max_file_bytes} bytes per file.",
-                        key=key,
-                        code="file_too_large",
+                    raise errors.FileTooLarge(
+                        f"Part {key!r} is over the limit of {lim.max_file_bytes} bytes per file.", key=key
                     )
                 _check_total(total, lim.max_request_bytes)
             if filename is not None and filename == "" and not data:
@@ -141,16 +135,16 @@ def read_form(stream, content_type: str, content_length: int | None) -> Form:
                 raise errors.DuplicateKey(f"The key {key!r} is used by more than one part.", key=key)
             seen.add(key)
             if len(form.parts) >= lim.max_parts:
-                raise errors.TooLarge(f"The request has more than {lim.max_parts} parts.", code="too_many_parts")
+                raise errors.TooManyParts(f"The request has more than {lim.max_parts} parts.")
             content_type_header = meta.get("content-type", (None, {}))[0]
             form.parts.append(Part(key, bytes(data), filename, content_type_header))
     except (MultiPartParserError, InputStreamExhausted, UnreadablePostError, ValueError, OSError) as exc:
-        raise errors.MalformedRequest() from exc
+        raise errors.MalformedMultipart() from exc
     if browser_form:
         # A browser form sends its text inputs left empty too; only an API client's empty text is an error.
         form.parts = [p for p in form.parts if p.is_file or p.data.strip()]
     if not form.parts and preamble:
-        raise errors.MalformedRequest(
+        raise errors.MalformedMultipart(
             "No form part was found: the body is not well-formed multipart/form-data "
             "(each delimiter is '--' followed by the boundary)."
         )
@@ -159,7 +153,7 @@ def read_form(stream, content_type: str, content_length: int | None) -> Form:
 
 def _check_total(total: int, limit: int) -> None:
     if total > limit:
-        raise errors.TooLarge(f"The request is over the limit of {limit} bytes.", code="request_too_large")
+        raise errors.RequestTooLarge(f"The request is over the limit of {limit} bytes.")
 
 
 def _decode_header_value(value) -> str | None:

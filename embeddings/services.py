@@ -7,12 +7,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from clipsite.config import current
 from embeddings import errors
-from embeddings.conf import limits
-from embeddings.images import decode_image
+from embeddings.images import DecodedImage, decode_image
 from embeddings.multipart import Part
-from embeddings.runtime.encoder import ClipEncoder, l2_normalize
+from embeddings.runtime.engine import Engine
 from embeddings.runtime.state import runtime
+from embeddings.texts import check_text
 
 ENCODINGS = ("float", "base64")
 
@@ -26,48 +27,49 @@ class EncodedParts:
     truncated: list[str]
 
 
-def current_encoder() -> ClipEncoder:
-    """The loaded encoder; before it is ready, RuntimeNotReady (errors.py answers it with 503 not_ready)."""
-    return runtime.encoder()
+def current_engine() -> Engine:
+    """The loaded engine; before it is ready, RuntimeNotReady (errors.py answers it with 503 not_ready)."""
+    return runtime.engine()
 
 
-def text_of(part: Part, *, max_words: int) -> str:
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def text_of(part: Part) -> str:
     """A text part's content, checked: valid UTF-8, not empty, not over the word limit."""
     try:
         text = part.data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise errors.InvalidText(f"Text part {part.key!r} is not valid UTF-8.", key=part.key) from exc
-    if not text.strip():
-        raise errors.EmptyText(f"Text part {part.key!r} is empty.", key=part.key)
-    words = len(text.split())
-    if words > max_words:
-        raise errors.TextTooLong(f"Text part {part.key!r} has {words} words; the limit is {max_words}.", key=part.key)
-    return text
+    return check_text(text, key=part.key)
+
+
+def image_of(part: Part, engine: Engine) -> DecodedImage:
+    """An image part decoded the one way every endpoint decodes it (same bytes, same vector)."""
+    return decode_image(
+        part.data,
+        key=part.key,
+        max_pixels=current().limits.max_image_pixels,
+        draft_min_side=engine.draft_min_side,
+    )
 
 
 def encode_parts(parts: list[Part]) -> EncodedParts:
     """Validate and embed every part; raises an ApiError naming the first part at fault."""
     if not parts:
         raise errors.EmptyRequest()
-    lim = limits()
-    encoder = current_encoder()
-    texts = [(p.key, text_of(p, max_words=lim.max_text_words)) for p in parts if not p.is_file]
-    decoded = [
-        (p.key, decode_image(p.data, key=p.key, max_pixels=lim.max_image_pixels, draft_min_side=encoder.draft_min_side))
-        for p in parts
-        if p.is_file
-    ]
-    dim = encoder.dim
-    texts_raw, truncated_flags = (
-        encoder.encode_texts([t for _, t in texts]) if texts else (np.zeros((0, dim), np.float32), [])
-    )
-    images_raw = encoder.encode_images([d.image for _, d in decoded]) if decoded else np.zeros((0, dim), np.float32)
+    engine = current_engine()
+    texts = [(p.key, text_of(p)) for p in parts if not p.is_file]
+    images = [(p.key, image_of(p, engine).image) for p in parts if p.is_file]
+    out = engine.embed(images=[i for _, i in images], texts=[t for _, t in texts])
     return EncodedParts(
         texts_keys=[k for k, _ in texts],
-        images_keys=[k for k, _ in decoded],
-        texts_raw=texts_raw,
-        images_raw=images_raw,
-        truncated=[k for (k, _), flag in zip(texts, truncated_flags, strict=True) if flag],
+        images_keys=[k for k, _ in images],
+        texts_raw=out.texts,
+        images_raw=out.images,
+        truncated=[k for (k, _), flag in zip(texts, out.truncated, strict=True) if flag],
     )
 
 
@@ -107,7 +109,6 @@ def vector_out(vector: np.ndarray, encoding: str):
 def embeddings_compute(*, parts: list[Part], request_id: str, normalize: bool = True, encoding: str = "float") -> dict:
     """The whole answer of ``POST /syte_test/embeddings`` for already-parsed parts."""
     encoded = encode_parts(parts)
-    encoder = current_encoder()
     texts = l2_normalize(encoded.texts_raw) if normalize else encoded.texts_raw
     images = l2_normalize(encoded.images_raw) if normalize else encoded.images_raw
     texts_out = [vector_out(v, encoding) for v in texts]
@@ -117,7 +118,7 @@ def embeddings_compute(*, parts: list[Part], request_id: str, normalize: bool = 
     )
     body = {
         "request_id": request_id,
-        "model": encoder.name,
+        "model": current_engine().name,
         "dim": int(texts.shape[1] if len(texts) else images.shape[1]),
         "normalized": normalize,
         "encoding": encoding,

@@ -82,15 +82,19 @@ def healthz(request):
 def readyz(request):
     body = {"status": runtime.status, "ready": runtime.ready}
     if runtime.ready:
-        encoder = runtime.encoder()
+        engine, manifest = runtime.engine(), runtime.manifest
         body |= {
-            "model": encoder.name,
-            "dim": encoder.dim,
-            "device": encoder.device,
-            "test_model": encoder.is_test_model,
+            "model": engine.name,
+            "family": engine.info.family,
+            "dim": engine.dim,
+            "device": next(iter(engine.backends.values())).device,
+            "test_model": engine.is_test_model,
             "ready_seconds": round(runtime.ready_seconds or 0.0, 3),
             "process_seconds_to_ready": round(runtime.process_seconds_to_ready or 0.0, 3),
-            "backend": encoder.backend.name,
+            "backend": engine.describe(),
+            "parity": manifest.parity,
+            "faithful": manifest.faithful,
+            "why": manifest.note,
         }
     return JsonResponse(body, status=200 if runtime.ready else 503)
 

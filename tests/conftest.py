@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import io
 import os
+import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from embeddings.runtime.state import RuntimeConfig, runtime
+from clipsite.config import RuntimeSettings, current
+from embeddings.runtime.engine import Engine
+from embeddings.runtime.prepare import prepare
+from embeddings.runtime.state import runtime
 from embeddings.runtime.testmodel import build_test_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,18 +41,51 @@ def vitb32_model_dir() -> Path:
     return ensure_test_model("vit-b-32")
 
 
-def load_runtime(model_dir: Path, backend: str = "torch"):
-    config = RuntimeConfig(model=str(model_dir), models_dir=MODELS, device="cpu", backend=backend)
-    if runtime.ready and runtime.config == config:
-        return runtime.encoder()
-    runtime.reset()
-    return runtime.load(config)
+def runtime_settings(model_dir: Path | str, **changes) -> RuntimeSettings:
+    """The suite's runtime settings for ``model_dir`` (``runtime="torch"`` etc. as changes)."""
+    return replace(current().runtime, model=str(model_dir), models_dir=MODELS, device="cpu", **changes)
+
+
+def load_runtime(model_dir: Path, backend: str = "auto") -> Engine:
+    """The process runtime serving ``model_dir``, prepared (once) and loaded as a worker loads it."""
+    settings = runtime_settings(model_dir, runtime=backend)
+    if runtime.ready and runtime.settings == settings:
+        return runtime.engine()
+    runtime.close()
+    prepare(settings)
+    return runtime.load(settings)
 
 
 @pytest.fixture
-def clip(tiny_model_dir):
-    """The process runtime serving the tiny test model."""
+def clip(tiny_model_dir) -> Engine:
+    """The process runtime serving the tiny test model on the default CPU backend (ONNX Runtime)."""
     return load_runtime(tiny_model_dir)
+
+
+def override(settings, **sections) -> None:
+    """Change fields of the frozen configuration for one test: ``override(settings, limits={"max_parts": 3})``.
+
+    ``settings`` is pytest-django's fixture, which restores the configuration after the test.
+    """
+    config = settings.CLIPSITE
+    for section, changes in sections.items():
+        config = replace(config, **{section: replace(getattr(config, section), **changes)})
+    settings.CLIPSITE = config
+
+
+@pytest.fixture(autouse=True)
+def no_engine_thread_left_running():
+    """Every engine a test opens is closed by it: only the process runtime's may outlive a test."""
+    yield
+    kept = runtime._engine._thread if runtime.ready else None
+    left = [t for t in threading.enumerate() if t.name.startswith("clip-engine") and t is not kept and t.is_alive()]
+    assert not left, f"engine threads left running: {left}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def close_the_runtime_at_the_end():
+    yield
+    runtime.close()
 
 
 def photo_bytes(name: str) -> bytes:

@@ -20,7 +20,7 @@ MODEL_NOT_LOADED = "model not loaded"
 
 def model_in_use() -> str | None:
     """The name of the model this process serves, or None while it is not loaded."""
-    return runtime.encoder().name if runtime.ready else None
+    return runtime.engine().name if runtime.ready else None
 
 
 def _errors_as_messages(request, form, prefix: str = "") -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models.functions import Lower
+
+from clipsite.config import current
+from embeddings.errors import ApiError
+from embeddings.texts import check_text
 
 NAME_MAX_CHARS = 100
 
@@ -56,14 +59,15 @@ class Category(models.Model):
         self.name = " ".join((self.name or "").split())
         if not self.name:
             raise ValidationError({"name": "The name must not be empty."})
-        limit = settings.CLIP_MAX_TEXT_WORDS
         for line in prompt_lines(self.prompts or ""):
-            if len(line.split()) > limit:
-                raise ValidationError({"prompts": f"The prompt {line[:60]!r} has more than {limit} words."})
+            try:
+                check_text(line.replace("{}", self.name), key=line[:60], what="The prompt")
+            except ApiError as exc:
+                raise ValidationError({"prompts": exc.message}) from exc
         self.prompts = "\n".join(prompt_lines(self.prompts or ""))
 
     def prompt_texts(self, templates: list[str] | None = None) -> list[str]:
-        templates = settings.WEARABLE_PROMPT_TEMPLATES if templates is None else templates
+        templates = list(current().wearable.prompt_templates) if templates is None else templates
         return prompts_for(self.name, self.prompts, templates)
 
 

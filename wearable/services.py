@@ -8,24 +8,23 @@ one image forward pass and one small matrix product.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from django.conf import settings
 from django.db import transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
+from clipsite.config import current
 from embeddings import errors
-from embeddings.conf import limits
-from embeddings.images import decode_image
 from embeddings.multipart import Part
-from embeddings.runtime.encoder import ClipEncoder, l2_normalize
+from embeddings.runtime.engine import Engine
 from embeddings.runtime.state import runtime
-from embeddings.services import current_encoder
+from embeddings.services import current_engine, image_of, l2_normalize
 from wearable.models import Category, CategoryEmbedding, Feedback, Prediction, prompts_for
 
 logger = logging.getLogger(__name__)
@@ -35,7 +34,7 @@ _ENCODE_CHUNK = 256
 
 
 def prompt_templates() -> list[str]:
-    return list(settings.WEARABLE_PROMPT_TEMPLATES)
+    return list(current().wearable.prompt_templates)
 
 
 # --- The cache of category vectors -----------------------------------------------------------------
@@ -76,11 +75,11 @@ def _from_bytes(data, dim: int) -> np.ndarray | None:
     return vector if vector.shape == (dim,) else None
 
 
-def _encode_prompts(encoder: ClipEncoder, texts: list[str]) -> dict[str, np.ndarray]:
+def _encode_prompts(engine: Engine, texts: list[str]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for start in range(0, len(texts), _ENCODE_CHUNK):
         chunk = texts[start : start + _ENCODE_CHUNK]
-        raw, _ = encoder.encode_texts(chunk)
+        raw = engine.embed_texts(chunk)
         out.update(zip(chunk, np.asarray(raw, dtype=np.float32), strict=True))
     return out
 
@@ -90,16 +89,16 @@ def category_vector(prompt_vectors: np.ndarray) -> np.ndarray:
     return l2_normalize(l2_normalize(prompt_vectors).mean(axis=0))
 
 
-def category_embeddings_ensure(*, encoder: ClipEncoder, categories: Iterable[CategoryRow]) -> dict[int, np.ndarray]:
-    """Each category's vector for ``encoder``: stored rows where present, the missing ones computed in one
+def category_embeddings_ensure(*, engine: Engine, categories: Iterable[CategoryRow]) -> dict[int, np.ndarray]:
+    """Each category's vector for ``engine``: stored rows where present, the missing ones computed in one
     batch and stored. Returns {category id: vector}."""
     categories = list(categories)
     templates = prompt_templates()
     wanted = {c.id: prompts_for(c.name, c.prompts, templates) for c in categories}
-    dim = encoder.dim
+    dim = engine.dim
     have: dict[tuple[int, str], np.ndarray] = {}
     wrong_size = []
-    stored = CategoryEmbedding.objects.filter(model_name=encoder.name, category_id__in=list(wanted)).values_list(
+    stored = CategoryEmbedding.objects.filter(model_name=engine.name, category_id__in=list(wanted)).values_list(
         "id", "category_id", "prompt", "vector"
     )
     for row_id, category_id, prompt, data in stored:
@@ -111,8 +110,8 @@ def category_embeddings_ensure(*, encoder: ClipEncoder, categories: Iterable[Cat
     missing = [(cid, p) for cid, prompts in wanted.items() for p in prompts if (cid, p) not in have]
     if missing:
         texts = list(dict.fromkeys(p for _, p in missing))
-        logger.info("Computing %d prompt vectors for %d categories (%s)", len(texts), len(wanted), encoder.name)
-        computed = _encode_prompts(encoder, texts)
+        logger.info("Computing %d prompt vectors for %d categories (%s)", len(texts), len(wanted), engine.name)
+        computed = _encode_prompts(engine, texts)
         with transaction.atomic():
             if wrong_size:
                 CategoryEmbedding.objects.filter(id__in=wrong_size).delete()
@@ -120,7 +119,7 @@ def category_embeddings_ensure(*, encoder: ClipEncoder, categories: Iterable[Cat
             CategoryEmbedding.objects.bulk_create(
                 [
                     CategoryEmbedding(
-                        category_id=cid, model_name=encoder.name, prompt=p, vector=computed[p].astype("<f4").tobytes()
+                        category_id=cid, model_name=engine.name, prompt=p, vector=computed[p].astype("<f4").tobytes()
                     )
                     for cid, p in missing
                 ],
@@ -137,28 +136,28 @@ class CategoryCache:
         self._lock = threading.Lock()
         self._matrix: CategoryMatrix | None = None
 
-    def matrix(self, encoder: ClipEncoder) -> CategoryMatrix:
+    def matrix(self, engine: Engine) -> CategoryMatrix:
         """The current matrix; raises NoCategories when no category is enabled."""
         stamp, rows = _enabled_rows()
         if not rows:
             raise errors.NoCategories()
-        current = self._matrix
-        if current is not None and current.model_name == encoder.name and current.stamp == stamp:
-            return current
+        cached = self._matrix
+        if cached is not None and cached.model_name == engine.name and cached.stamp == stamp:
+            return cached
         with self._lock:
-            current = self._matrix
-            if current is not None and current.model_name == encoder.name and current.stamp == stamp:
-                return current
-            vectors = category_embeddings_ensure(encoder=encoder, categories=rows)
-            current = CategoryMatrix(
-                model_name=encoder.name,
+            cached = self._matrix
+            if cached is not None and cached.model_name == engine.name and cached.stamp == stamp:
+                return cached
+            vectors = category_embeddings_ensure(engine=engine, categories=rows)
+            cached = CategoryMatrix(
+                model_name=engine.name,
                 stamp=stamp,
                 names=[r.name for r in rows],
                 orders=[r.display_order for r in rows],
                 vectors=np.stack([vectors[r.id] for r in rows]).astype(np.float32),
             )
-            self._matrix = current
-            return current
+            self._matrix = cached
+            return cached
 
     def clear(self) -> None:
         with self._lock:
@@ -175,10 +174,10 @@ def category_save(*, category: Category) -> Category:
     with transaction.atomic():
         category.save()
     if runtime.ready:
-        encoder = runtime.encoder()
+        engine = runtime.engine()
         row = CategoryRow(category.id, category.name, category.prompts, category.display_order)
-        category_embeddings_ensure(encoder=encoder, categories=[row])
-        _prune_stale(category=category, model_name=encoder.name)
+        category_embeddings_ensure(engine=engine, categories=[row])
+        _prune_stale(category=category, model_name=engine.name)
     return category
 
 
@@ -199,20 +198,20 @@ def _prune_stale(*, category: Category, model_name: str) -> int:
 
 def category_embeddings_refresh(
     *,
-    encoder: ClipEncoder,
+    engine: Engine,
     categories: Iterable[Category],
     on_category: Callable[[Category], None] | None = None,
 ) -> int:
-    """Recompute and replace every prompt vector of ``categories`` for ``encoder``; returns how many were stored."""
+    """Recompute and replace every prompt vector of ``categories`` for ``engine``; returns how many were stored."""
     stored = 0
     for category in categories:
         prompts = category.prompt_texts()
-        computed = _encode_prompts(encoder, prompts)
+        computed = _encode_prompts(engine, prompts)
         with transaction.atomic():
-            CategoryEmbedding.objects.filter(category=category, model_name=encoder.name).delete()
+            CategoryEmbedding.objects.filter(category=category, model_name=engine.name).delete()
             CategoryEmbedding.objects.bulk_create(
                 CategoryEmbedding(
-                    category=category, model_name=encoder.name, prompt=p, vector=computed[p].astype("<f4").tobytes()
+                    category=category, model_name=engine.name, prompt=p, vector=computed[p].astype("<f4").tobytes()
                 )
                 for p in prompts
             )
@@ -246,7 +245,7 @@ def single_image(parts: list[Part]) -> Part:
 def _top_k(top_k: int | None, available: int) -> int:
     if top_k is None:
         # The default adapts to a small table; a value the client asked for is never clamped.
-        return min(settings.WEARABLE_TOP_K, available)
+        return min(current().wearable.top_k, available)
     if not 1 <= top_k <= available:
         raise errors.InvalidParameter(
             f"top_k={top_k} is out of range: it must be from 1 to {available} (the enabled categories).",
@@ -255,21 +254,30 @@ def _top_k(top_k: int | None, available: int) -> int:
     return top_k
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def category_probabilities(cosine: np.ndarray, *, logit_scale: float, logit_bias: float | None) -> np.ndarray:
+    """The family's own zero-shot recipe: CLIP's softmax over every category of logit_scale x cosine;
+    SigLIP's independent sigmoid(logit_scale x cosine + logit_bias) per category."""
+    logits = logit_scale * cosine
+    if logit_bias is not None:
+        return 1.0 / (1.0 + np.exp(-(logits + logit_bias)))
     shifted = np.exp(logits - logits.max())
     return shifted / shifted.sum()
 
 
-def rank_categories(*, matrix: CategoryMatrix, image_vector: np.ndarray, logit_scale: float, top_k: int) -> list[dict]:
-    """The top_k categories for one normalised image vector, best first, with score and probability."""
+def rank_categories(
+    *, matrix: CategoryMatrix, image_vector: np.ndarray, logit_scale: float, logit_bias: float | None, top_k: int
+) -> list[dict]:
+    """The top_k categories for one normalised image vector, best first, with score and probability.
+
+    Ranked by the true cosine (ties: display order, then name); only what is shown is rounded.
+    """
     cosine = matrix.vectors.astype(np.float64) @ image_vector.astype(np.float64)
-    probabilities = _softmax(logit_scale * cosine)
-    scores = np.round(100.0 * cosine, 2)
-    order = sorted(range(len(matrix.names)), key=lambda i: (-scores[i], matrix.orders[i], matrix.names[i]))
+    probabilities = category_probabilities(cosine, logit_scale=logit_scale, logit_bias=logit_bias)
+    order = sorted(range(len(matrix.names)), key=lambda i: (-cosine[i], matrix.orders[i], matrix.names[i]))
     return [
         {
             "category": matrix.names[i],
-            "score": float(scores[i]),
+            "score": round(float(100.0 * cosine[i]), 2),
             "probability": round(float(probabilities[i]), 4),
         }
         for i in order[:top_k]
@@ -279,22 +287,28 @@ def rank_categories(*, matrix: CategoryMatrix, image_vector: np.ndarray, logit_s
 def wearable_predict(*, parts: list[Part], request_id: str, top_k: int | None = None) -> dict:
     """The whole answer of ``POST /syte_test/wearable``: rank the enabled categories, record the answer."""
     part = single_image(parts)
-    decoded = decode_image(part.data, key=part.key, max_pixels=limits().max_image_pixels)
-    encoder = current_encoder()
-    matrix = category_cache.matrix(encoder)
+    engine = current_engine()
+    decoded = image_of(part, engine)
+    matrix = category_cache.matrix(engine)
     k = _top_k(top_k, len(matrix.names))
-    image_vector = l2_normalize(encoder.encode_images([decoded.image]))[0]
-    ranked = rank_categories(matrix=matrix, image_vector=image_vector, logit_scale=encoder.logit_scale, top_k=k)
+    image_vector = l2_normalize(engine.embed_images([decoded.image]))[0]
+    ranked = rank_categories(
+        matrix=matrix,
+        image_vector=image_vector,
+        logit_scale=engine.info.logit_scale,
+        logit_bias=engine.info.logit_bias,
+        top_k=k,
+    )
     top = [r["category"] for r in ranked]
     Prediction.objects.create(
         request_id=request_id,
-        model_name=encoder.name,
+        model_name=engine.name,
         top_categories=top,
         scores=ranked,
-        image_sha256=decoded.sha256,
-        image=part.data if settings.WEARABLE_STORE_IMAGES else None,
+        image_sha256=hashlib.sha256(part.data).hexdigest(),
+        image=part.data if current().wearable.store_images else None,
     )
-    return {"request_id": request_id, "model": encoder.name, "top_categories": top, "scores": ranked}
+    return {"request_id": request_id, "model": engine.name, "top_categories": top, "scores": ranked}
 
 
 # --- Feedback -----------------------------------------------------------------------------------------

@@ -1,15 +1,20 @@
 """Finding and loading a CLIP-family model: a hub id, a save_pretrained folder, or the original layout.
 
 The three ways to name a model (``CLIP_MODEL``):
-1. a Hugging Face id: fetched once into ``CLIP_MODELS_DIR/hub/<org>--<name>/`` (the original layout),
-   then loaded from disk on every later start, so a restart needs no network;
+1. a Hugging Face id: fetched once (by ``prepare_model`` only) into ``CLIP_MODELS_DIR/hub/<org>--<name>/``
+   in the original layout, then read from disk, so workers and restarts need no network;
 2. a local folder saved with ``save_pretrained`` (model and processor in one folder);
 3. a folder in the original layout, holding ``model-clip/`` and ``processor-clip/``.
-Unset: the layout directly under ``CLIP_MODELS_DIR`` if present, else a random-weight ``vit-b-32``.
+Unset: the layout directly under ``CLIP_MODELS_DIR`` if present, else a random-weight ``vit-b-32``
+(built by ``prepare_model``).
+
+``resolve_model_source`` never downloads or builds anything: ``fetch`` does, and only prepare calls it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import re
 import shutil
@@ -54,14 +59,26 @@ def _source(name: str, model_dir: Path, processor_dir: Path, kind: str) -> Model
     return ModelSource(name, model_dir, processor_dir, kind, marker)
 
 
-def resolve_model_source(spec: str, models_dir: Path, *, allow_download: bool = True) -> ModelSource:
-    """Decide which folders to load for ``CLIP_MODEL=spec``; fetches a hub id the first time."""
+class ModelNotPrepared(ModelLoadError):
+    """The model is not on disk yet, or not prepared for this configuration: run prepare_model."""
+
+
+PREPARE_HINT = "run `python manage.py prepare_model` first (scripts/start.sh and ./run.sh do)"
+
+
+def resolve_model_source(spec: str, models_dir: Path) -> ModelSource:
+    """Which folders ``CLIP_MODEL=spec`` means, from what is on disk; never downloads or builds."""
     models_dir = Path(models_dir)
     spec = (spec or "").strip()
     if not spec:
         if has_layout(models_dir):
             return _source(str(models_dir), models_dir / MODEL_SUBDIR, models_dir / PROCESSOR_SUBDIR, "layout")
-        return fallback_test_model(models_dir)
+        target = fallback_dir(models_dir)
+        if not has_layout(target):
+            raise ModelNotPrepared(
+                f"no model is configured and the random-weight test model is not built: {PREPARE_HINT}"
+            )
+        return _source("", target / MODEL_SUBDIR, target / PROCESSOR_SUBDIR, "fallback")
     folder = Path(spec).expanduser()
     if folder.is_dir():
         if has_layout(folder):
@@ -76,62 +93,98 @@ def resolve_model_source(spec: str, models_dir: Path, *, allow_download: bool = 
         raise ModelLoadError(f"CLIP_MODEL={spec!r} is neither an existing folder nor a Hugging Face model id")
     cache = hub_cache_dir(models_dir, spec)
     if not has_layout(cache):
-        if not allow_download:
-            raise ModelLoadError(f"{spec} is not in {cache} and downloading is off")
-        try:
-            fetch_model(spec, cache)
-        except OSError as exc:
-            raise ModelLoadError(
-                f"cannot store {spec} under CLIP_MODELS_DIR={models_dir} ({exc.strerror or exc}): "
-                "set CLIP_MODELS_DIR to a folder this user can write"
-            ) from exc
+        raise ModelNotPrepared(f"{spec} is not in {cache}: {PREPARE_HINT}, which fetches it once")
     source = _source(spec, cache / MODEL_SUBDIR, cache / PROCESSOR_SUBDIR, "hub")
     return ModelSource(spec, source.model_dir, source.processor_dir, "hub", source.test_model)
 
 
+def fetch(spec: str, models_dir: Path) -> ModelSource:
+    """``resolve_model_source``, after fetching a hub id or building the fallback test model if missing."""
+    try:
+        return resolve_model_source(spec, models_dir)
+    except ModelNotPrepared:
+        pass
+    spec = (spec or "").strip()
+    try:
+        if not spec:
+            build_fallback(models_dir)
+        else:
+            fetch_model(spec, hub_cache_dir(models_dir, spec))
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot store the model under CLIP_MODELS_DIR={models_dir} ({exc.strerror or exc}): "
+            "set CLIP_MODELS_DIR to a folder this user can write"
+        ) from exc
+    return resolve_model_source(spec, models_dir)
+
+
+@contextlib.contextmanager
+def folder_lock(path: Path):
+    """An exclusive lock on ``path`` (a lock file): one process prepares a folder at a time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def fetch_model(model_id: str, dest: Path) -> Path:
-    """Download ``model_id`` from the hub and save it in the original layout at ``dest`` (atomically)."""
+    """Download ``model_id`` from the hub and save it in the original layout at ``dest``.
+
+    Fetched into a temporary folder beside ``dest`` and renamed into place under a lock, so two
+    processes fetching at once never leave a half-written or mixed folder.
+    """
     from transformers import AutoModel, AutoProcessor
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("Fetching %s from the Hugging Face hub into %s", model_id, dest)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
-        cache = Path(tmp) / "hf-cache"
-        try:
-            model = AutoModel.from_pretrained(model_id, cache_dir=cache)
-            processor = AutoProcessor.from_pretrained(model_id, cache_dir=cache)
-        except Exception as exc:  # noqa: BLE001 - hub errors come in many types; all mean "cannot fetch"
-            raise ModelLoadError(f"cannot fetch {model_id!r} from the Hugging Face hub: {exc}") from exc
-        _check_clip_family(model, model_id)
-        staged = Path(tmp) / "staged"
-        model.save_pretrained(staged / MODEL_SUBDIR)
-        processor.save_pretrained(staged / PROCESSOR_SUBDIR)
-        if dest.exists():
-            shutil.rmtree(dest)
-        staged.rename(dest)
+    with folder_lock(dest.parent / f".{dest.name}.lock"):
+        if has_layout(dest):
+            return dest  # another process fetched it while this one waited
+        logger.info("Fetching %s from the Hugging Face hub into %s", model_id, dest)
+        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
+            cache = Path(tmp) / "hf-cache"
+            try:
+                model = AutoModel.from_pretrained(model_id, cache_dir=cache)
+                processor = AutoProcessor.from_pretrained(model_id, cache_dir=cache)
+            except Exception as exc:  # noqa: BLE001 - hub errors come in many types; all mean "cannot fetch"
+                raise ModelLoadError(f"cannot fetch {model_id!r} from the Hugging Face hub: {exc}") from exc
+            _check_clip_family(model, model_id)
+            staged = Path(tmp) / "staged"
+            model.save_pretrained(staged / MODEL_SUBDIR)
+            processor.save_pretrained(staged / PROCESSOR_SUBDIR)
+            if dest.exists():
+                shutil.rmtree(dest)
+            staged.rename(dest)
     return dest
 
 
-def fallback_test_model(models_dir: Path) -> ModelSource:
-    """Build (once) and use a random-weight vit-b-32, for a service started with no model at all."""
-    target = Path(models_dir) / "test-models" / f"{FALLBACK_PRESET}-seed0"
-    if not has_layout(target):
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            target = Path(tempfile.gettempdir()) / "clipsite-test-models" / f"{FALLBACK_PRESET}-seed0"
+def fallback_dir(models_dir: Path) -> Path:
+    """Where the random-weight vit-b-32 lives: under CLIP_MODELS_DIR, or the temporary folder when that
+    cannot be written."""
+    preferred = Path(models_dir) / "test-models" / f"{FALLBACK_PRESET}-seed0"
+    if has_layout(preferred):
+        return preferred
+    try:
+        preferred.parent.mkdir(parents=True, exist_ok=True)
+        return preferred
+    except OSError:
+        return Path(tempfile.gettempdir()) / "clipsite-test-models" / f"{FALLBACK_PRESET}-seed0"
+
+
+def build_fallback(models_dir: Path) -> Path:
+    """Build (once) the random-weight vit-b-32 a service started with no model at all serves."""
+    target = fallback_dir(models_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(target.parent / f".{target.name}.lock"):
         if not has_layout(target):
             logger.warning("Building a random-weight %s test model in %s", FALLBACK_PRESET, target)
             with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
                 testmodel.build_test_model(FALLBACK_PRESET, Path(tmp) / "m", seed=0)
-                try:
-                    (Path(tmp) / "m").rename(target)
-                except OSError:  # another process finished first
-                    if not has_layout(target):
-                        raise
-    source = _source("", target / MODEL_SUBDIR, target / PROCESSOR_SUBDIR, "fallback")
-    return source
+                (Path(tmp) / "m").rename(target)
+    return target
 
 
 def _check_clip_family(model, name: str) -> None:
@@ -165,8 +218,19 @@ def load_processor(source: ModelSource):
     return processor
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` as what this machine has; ``cuda`` refused clearly where there is none."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("CLIP_DEVICE=cuda, but torch sees no CUDA device")
+    return device
+
+
 def load_model(source: ModelSource, *, device: str = "cpu"):
-    """Load the model (eval mode, float32) and its processor from the folders of ``source``."""
+    """The torch model of ``source``, float32 in eval mode, on ``device`` (cpu or cuda)."""
     import torch
     from transformers import AutoModel
 
@@ -176,39 +240,13 @@ def load_model(source: ModelSource, *, device: str = "cpu"):
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot load a model from {source.model_dir}: {exc}") from exc
     _check_clip_family(model, source.name or str(source.model_dir))
-    processor = load_processor(source)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("CLIP_DEVICE=cuda, but torch sees no CUDA device")
-    model = model.to(device).eval()
-    return model, processor, device
+    return model.to(device).eval()
 
 
-def load_model_shell(source: ModelSource):
-    """The model's classes and configuration without its weights (on the meta device), and its
-    processor: all a worker needs when ONNX Runtime holds the weights."""
-    import torch
-    from transformers import AutoConfig, AutoModel
-
-    _quiet_transformers()
-    try:
-        config = AutoConfig.from_pretrained(source.model_dir)
-        with torch.device("meta"):
-            model = AutoModel.from_config(config)
-    except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"cannot read the model's configuration in {source.model_dir}: {exc}") from exc
-    _check_clip_family(model, source.name or str(source.model_dir))
-    return model, load_processor(source)
-
-
-def read_logit_scale(model_dir: Path) -> float | None:
-    """exp(logit_scale) straight from the checkpoint, without loading the other weights."""
-    from safetensors import safe_open
-
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as checkpoint:
-            for name in checkpoint.keys():  # noqa: SIM118 - safe_open is not a dict
-                if name == "logit_scale" or name.endswith(".logit_scale"):
-                    return float(checkpoint.get_tensor(name).float().exp().item())
-    return None
+def text_context(config) -> int:
+    """How many tokens the text tower takes: its position table, less XLM-R's offset (AltCLIP)."""
+    text = getattr(config, "text_config", config)
+    positions = int(getattr(text, "max_position_embeddings", None) or 77)
+    if getattr(config, "model_type", "") == "altclip":
+        positions -= int(getattr(text, "pad_token_id", 1)) + 1  # positions count from padding_idx + 1
+    return positions

@@ -1,4 +1,4 @@
-"""The process-wide runtime: one model per process, loaded once, in the background when asked."""
+"""The process-wide runtime: one engine per process, loaded once from what prepare_model made."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
-from embeddings.runtime.encoder import ClipEncoder
-from embeddings.runtime.loading import load_model, resolve_model_source
+from clipsite.config import RuntimeSettings
+from embeddings.runtime.backends import open_backend
+from embeddings.runtime.engine import Engine, EngineSettings, ModelInfo
+from embeddings.runtime.loading import load_model, load_processor, resolve_device, resolve_model_source
+from embeddings.runtime.prepare import Manifest, read_manifest
+from embeddings.runtime.preprocessing import Preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -29,173 +31,141 @@ class RuntimeNotReady(Exception):
     """The model is not loaded (yet, or it failed)."""
 
 
-@dataclass(frozen=True)
-class RuntimeConfig:
-    model: str
-    models_dir: Path
-    device: str
-    torch_threads: int = 0
-    solo_threads: int = 0  # torch threads while the other worker processes are idle: all cores
-    max_batch: int = 32
-    max_wait_ms: float = 2.0
-    max_queue: int = 1024
-    backend: str = "torch"  # "torch" or "onnx" (ONNX Runtime, on CPU)
-    quantize: str = "none"  # "none" or "int8" (onnx)
+def engine_settings(settings: RuntimeSettings) -> EngineSettings:
+    return EngineSettings(
+        max_batch=settings.max_batch,
+        max_wait_ms=settings.max_wait_ms,
+        max_queue=settings.max_queue,
+        max_queue_pixels=settings.max_queue_pixels,
+        timeout_s=settings.request_timeout_s,
+    )
+
+
+def open_engine(settings: RuntimeSettings) -> tuple[Engine, Manifest]:
+    """The engine of the prepared model: reads the manifest and opens the backends it names.
+
+    Touches no network and exports nothing; raises ModelNotPrepared (naming prepare_model) when the
+    model is not on disk or not prepared for this configuration.
+    """
+    import torch
+
+    source = resolve_model_source(settings.model, settings.models_dir)
+    folder, manifest = read_manifest(source, settings)
+    if settings.text_threads > 0:
+        torch.set_num_threads(settings.text_threads)
+    preprocessing = Preprocessing(load_processor(source), family=manifest.family, context=manifest.context)
+    threads = {"image": settings.image_threads, "text": settings.text_threads}
+    torch_model = []
+
+    def model():  # loaded once, and only when a tower is served by torch
+        if not torch_model:
+            torch_model.append(load_model(source, device=resolve_device(settings.device)))
+        return torch_model[0]
+
+    opened: dict[str, object] = {}
+    backends = {}
+    for tower, choice in manifest.towers.items():
+        key = _choice_key(choice)
+        if key not in opened:
+            opened[key] = open_backend(choice, model=model, prepared_dir=folder, threads=threads)
+        backends[tower] = opened[key]
+    info = ModelInfo(
+        name=source.name,
+        family=manifest.family,
+        dim=manifest.dim,
+        logit_scale=manifest.logit_scale,
+        logit_bias=manifest.logit_bias,
+        test_model=source.test_model,
+    )
+    return Engine(
+        backends=backends, preprocessing=preprocessing, info=info, settings=engine_settings(settings)
+    ), manifest
+
+
+def _choice_key(choice: dict) -> str:
+    return f"{choice['backend']}/{choice['dtype']}"
 
 
 class Runtime:
-    """Holds the encoder of this process. ``start`` is idempotent; ``encoder()`` raises until ready."""
+    """Holds the engine of this process. ``load`` and ``start`` are idempotent; ``engine()`` raises until ready."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._encoder: ClipEncoder | None = None
+        self._engine: Engine | None = None
         self.status = "idle"  # idle -> loading -> ready | failed
         self.error: str | None = None
         self.started_at: float | None = None
         self.ready_seconds: float | None = None
         self.process_seconds_to_ready: float | None = None
-        self.config: RuntimeConfig | None = None
+        self.settings: RuntimeSettings | None = None
+        self.manifest: Manifest | None = None
 
-    def encoder(self) -> ClipEncoder:
-        encoder = self._encoder
-        if encoder is None:
+    def engine(self) -> Engine:
+        engine = self._engine
+        if engine is None:
             raise RuntimeNotReady(self.error or self.status)
-        return encoder
+        return engine
 
     @property
     def ready(self) -> bool:
-        return self._encoder is not None
+        return self._engine is not None
 
-    def load(self, config: RuntimeConfig) -> ClipEncoder:
-        """Load synchronously (idempotent: a second call returns the loaded encoder)."""
+    def load(self, settings: RuntimeSettings) -> Engine:
+        """Load synchronously (a second call returns the loaded engine)."""
         with self._lock:
-            if self._encoder is not None:
-                return self._encoder
+            if self._engine is not None:
+                return self._engine
             self.status, self.started_at = "loading", time.monotonic()
             try:
-                self._set_threads(config.torch_threads)
-                source = resolve_model_source(config.model, config.models_dir)
-                encoder = self._from_onnx_cache(source, config) if config.backend == "onnx" else None
-                if encoder is None:
-                    model, processor, device = load_model(source, device=config.device)
-                    encoder = ClipEncoder(
-                        model,
-                        processor,
-                        name=source.name,
-                        device=device,
-                        test_model=source.test_model,
-                        threads=config.torch_threads,
-                        solo_threads=config.solo_threads,
-                    )
-                    if config.backend == "onnx":
-                        self._use_onnx(encoder, model, source, config)
-                encoder.start_batching(
-                    max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, max_queue=config.max_queue
-                )
-                encoder.warm_up()
+                engine, manifest = open_engine(settings)
+                try:
+                    engine.warm_up()
+                except Exception:
+                    engine.close()
+                    raise
             except Exception as exc:
                 self.status, self.error = "failed", str(exc)
                 raise
-            if encoder.is_test_model:
+            if engine.is_test_model:
                 logger.warning(
                     "SERVING A RANDOM-WEIGHT TEST MODEL (%s): its vectors carry no meaning. "
                     "Set CLIP_MODEL to a real model.",
-                    encoder.name,
+                    engine.name,
                 )
-            self._encoder, self.status, self.config = encoder, "ready", config
+            if not manifest.faithful:
+                logger.warning("The backend is below the parity floor: %s. %s", manifest.describe(), manifest.note)
+            self._engine, self.status, self.settings, self.manifest = engine, "ready", settings, manifest
             self.ready_seconds = time.monotonic() - self.started_at
             self.process_seconds_to_ready = process_age()
-            logger.info(
-                "Model %s ready on %s (%s) in %.1f s",
-                encoder.name,
-                encoder.device,
-                encoder.backend.name,
-                self.ready_seconds,
-            )
-            return encoder
+            logger.info("Model %s ready in %.1f s: %s", engine.name, self.ready_seconds, manifest.describe())
+            return engine
 
-    def start(self, config: RuntimeConfig, *, on_failure=None) -> None:
+    def start(self, settings: RuntimeSettings, *, on_failure=None) -> None:
         """Load in a background thread, once; ``on_failure(exc)`` runs if loading fails."""
         with self._lock:
-            if self._thread is not None or self._encoder is not None:
+            if self._thread is not None or self._engine is not None:
                 return
             self._thread = threading.Thread(
-                target=self._load_in_background, args=(config, on_failure), name="clip-warmup", daemon=True
+                target=self._load_in_background, args=(settings, on_failure), name="clip-warmup", daemon=True
             )
             self._thread.start()
 
-    def _load_in_background(self, config: RuntimeConfig, on_failure) -> None:
+    def _load_in_background(self, settings: RuntimeSettings, on_failure) -> None:
         try:
-            self.load(config)
+            self.load(settings)
         except Exception as exc:  # noqa: BLE001 - every failure is reported the same way
-            logger.critical("Cannot load CLIP_MODEL=%r: %s", config.model, exc)
+            logger.critical("Cannot load CLIP_MODEL=%r: %s", settings.model, exc)
             if on_failure is not None:
                 on_failure(exc)
 
-    @staticmethod
-    def _onnx_threads(config: RuntimeConfig) -> dict[str, int]:
-        return {"image": config.solo_threads or config.torch_threads, "text": config.torch_threads}
-
-    def _from_onnx_cache(self, source, config: RuntimeConfig) -> ClipEncoder | None:
-        """With the export already cached, never load the torch weights: ONNX Runtime holds them."""
-        from embeddings.runtime.encoder import text_input_names
-        from embeddings.runtime.loading import load_model_shell, read_logit_scale
-        from embeddings.runtime.onnx import OnnxBackend, cached_onnx_files
-
-        model, processor = load_model_shell(source)
-        names = text_input_names(processor.tokenizer)
-        files = cached_onnx_files(source.model_dir, quantize=config.quantize, text_input_names=names)
-        if files is None:
-            return None
-        encoder = ClipEncoder(
-            model,
-            processor,
-            name=source.name,
-            device="cpu",
-            test_model=source.test_model,
-            logit_scale=read_logit_scale(source.model_dir),
-        )
-        encoder.use_backend(
-            OnnxBackend(
-                files, threads=self._onnx_threads(config), name="onnx-int8" if config.quantize == "int8" else "onnx"
-            )
-        )
-        return encoder
-
-    @staticmethod
-    def _use_onnx(encoder: ClipEncoder, model, source, config: RuntimeConfig) -> None:
-        """Serve from ONNX Runtime; float32 falls back to torch if the export fails, int8 never does."""
-        from embeddings.runtime.onnx import OnnxBackend
-
-        try:
-            backend = OnnxBackend.for_model(
-                model,
-                source.model_dir,
-                quantize=config.quantize,
-                threads=Runtime._onnx_threads(config),
-                text_input_names=encoder.text_input_names,
-            )
-        except Exception as exc:
-            if config.quantize != "none":
-                raise
-            logger.warning("ONNX export of %s failed (%s): serving it with PyTorch", source.name, exc)
-            return
-        encoder.use_backend(backend)
-
-    @staticmethod
-    def _set_threads(threads: int) -> None:
-        import torch
-
-        if threads > 0:
-            torch.set_num_threads(threads)
-
-    def reset(self) -> None:
-        """Forget the loaded model (tests only)."""
+    def close(self) -> None:
+        """Stop the engine and forget it (tests, and a worker that exits)."""
         with self._lock:
-            if self._encoder is not None and self._encoder.batcher is not None:
-                self._encoder.batcher.stop()
-            self._encoder, self._thread, self.status, self.error, self.config = None, None, "idle", None, None
+            if self._engine is not None:
+                self._engine.close()
+            self._engine, self._thread, self.status, self.error = None, None, "idle", None
+            self.settings = self.manifest = None
 
 
 runtime = Runtime()

@@ -1,8 +1,8 @@
 from pathlib import Path
 
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from clipsite.config import current
 from embeddings.runtime.loading import ModelLoadError, fetch_model, has_layout, hub_cache_dir
 
 
@@ -18,13 +18,13 @@ class Command(BaseCommand):
         parser.add_argument("--force", action="store_true", help="download again even if present")
 
     def handle(self, *args, model_id, to, force, **options):
-        model_id = model_id or settings.CLIP_MODEL
+        model_id = model_id or current().runtime.model
         if not model_id:
             raise CommandError("name a model id, or set CLIP_MODEL")
         if Path(model_id).expanduser().is_dir():
             self.stdout.write(f"{model_id} is a local folder: nothing to fetch")
             return
-        dest = Path(to) if to else hub_cache_dir(settings.CLIP_MODELS_DIR, model_id)
+        dest = Path(to) if to else hub_cache_dir(current().runtime.models_dir, model_id)
         if has_layout(dest) and not force:
             self.stdout.write(f"{model_id} is already in {dest}")
             return

@@ -1,22 +1,24 @@
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from embeddings.conf import runtime_backend
-from embeddings.runtime.loading import ModelLoadError, load_model, resolve_model_source
+from clipsite.config import current
+from embeddings.runtime.loading import ModelLoadError
+from embeddings.runtime.prepare import prepare
 
 
 class Command(BaseCommand):
     help = (
-        "Make sure the configured model is on disk before serving: fetch a hub id once into CLIP_MODELS_DIR, "
-        "check a folder, or build the random-weight test model when nothing is configured; with the ONNX "
-        "runtime, export (and quantise) it once so the workers only load the cached files."
+        "Prepare the configured model before serving, once, under a lock: fetch a hub id into CLIP_MODELS_DIR "
+        "(or build the random-weight test model when nothing is configured), choose the backend, export it, "
+        "check its vectors against float32 PyTorch and write the manifest the workers read. "
+        "gunicorn workers only load what this made; scripts/start.sh runs it first."
     )
 
     def handle(self, *args, **options):
+        settings = current().runtime
         try:
-            source = resolve_model_source(settings.CLIP_MODEL, settings.CLIP_MODELS_DIR)
+            source, manifest = prepare(settings)
         except ModelLoadError as exc:
-            raise CommandError(f"cannot use CLIP_MODEL={settings.CLIP_MODEL!r}: {exc}") from exc
+            raise CommandError(f"cannot prepare CLIP_MODEL={settings.model!r}: {exc}") from exc
         if source.test_model:
             self.stderr.write(
                 self.style.WARNING(
@@ -25,28 +27,5 @@ class Command(BaseCommand):
                 )
             )
         self.stdout.write(f"Model {source.name or source.model_dir} ({source.kind}) at {source.model_dir}")
-        if runtime_backend() == "onnx":
-            self._export(source)
-
-    def _export(self, source) -> None:
-        from transformers import AutoTokenizer
-
-        from embeddings.runtime.encoder import text_input_names
-        from embeddings.runtime.onnx import prepare_onnx_files
-
-        try:
-            names = text_input_names(AutoTokenizer.from_pretrained(source.processor_dir))
-            files = prepare_onnx_files(
-                lambda: load_model(source)[0],
-                source.model_dir,
-                quantize=settings.CLIP_QUANTIZE,
-                text_input_names=names,
-            )
-        except ModelLoadError as exc:
-            raise CommandError(str(exc)) from exc
-        except Exception as exc:  # noqa: BLE001 - the workers fall back to torch for float32; say so now
-            if settings.CLIP_QUANTIZE != "none":
-                raise CommandError(f"cannot export {source.name} to ONNX for int8: {exc}") from exc
-            self.stderr.write(self.style.WARNING(f"ONNX export failed ({exc}); the workers will use PyTorch"))
-            return
-        self.stdout.write(f"ONNX files ready: {', '.join(str(f) for f in files.values())}")
+        style = self.style.SUCCESS if manifest.faithful else self.style.WARNING
+        self.stdout.write(style(f"Prepared: {manifest.describe()}. {manifest.note}"))

@@ -1,7 +1,8 @@
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
-from embeddings.conf import runtime_config
+from clipsite.config import current
+from embeddings.runtime.prepare import prepare
 from embeddings.runtime.state import runtime
 from wearable import services
 from wearable.models import Category, CategoryEmbedding
@@ -23,7 +24,8 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         try:
-            encoder = runtime.load(runtime_config())
+            prepare(current().runtime)  # a command may prepare; gunicorn workers only load
+            engine = runtime.load(current().runtime)
         except Exception as exc:  # noqa: BLE001 - any failure to load is reported the same way
             raise CommandError(f"cannot load the model: {exc}") from exc
         categories = Category.objects.order_by("display_order", "name")
@@ -34,11 +36,11 @@ class Command(BaseCommand):
             raise CommandError("There is no category to refresh: add some in the admin.")
         with tqdm(total=len(categories), unit="category", file=self.stderr, disable=options["verbosity"] == 0) as bar:
             stored = services.category_embeddings_refresh(
-                encoder=encoder, categories=categories, on_category=lambda _: bar.update(1)
+                engine=engine, categories=categories, on_category=lambda _: bar.update(1)
             )
         if options["purge_other_models"]:
-            purged, _ = CategoryEmbedding.objects.exclude(model_name=encoder.name).delete()
+            purged, _ = CategoryEmbedding.objects.exclude(model_name=engine.name).delete()
             self.stdout.write(f"Deleted {purged} vectors of other models.")
         self.stdout.write(
-            self.style.SUCCESS(f"Stored {stored} prompt vectors for {len(categories)} categories ({encoder.name}).")
+            self.style.SUCCESS(f"Stored {stored} prompt vectors for {len(categories)} categories ({engine.name}).")
         )

@@ -1,0 +1,316 @@
+"""The one frozen configuration of clipsite, built once from the environment by clipsite/settings.py.
+
+Every variable is declared once in ``VARIABLES``: its default, how it parses, its system check id
+and a hint. A bad value never raises here: ``load`` returns the defaults in its place and a
+``Problem`` that the system checks (embeddings/checks.py) report, so ``manage.py`` commands and the
+server's start stop with a message naming the variable. Nothing else in the project reads the
+environment; code reads ``current()``, a frozen view that tests replace through Django's settings.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Problem:
+    variable: str
+    message: str
+    check_id: str
+    hint: str
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_text_words: int
+    max_file_bytes: int
+    max_request_bytes: int
+    max_image_pixels: int
+    max_parts: int
+    max_key_chars: int
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    model: str
+    models_dir: Path
+    device: str  # cpu, cuda or auto
+    runtime: str  # auto, torch or onnx: what prepare_model chooses between
+    quantize: str  # none or int8
+    warmup: bool  # load the model in the background when a server process starts
+    text_threads: int  # threads of a text forward: this worker's share of the cores
+    image_threads: int  # threads of an image forward: every core unless set
+    max_batch: int
+    max_wait_ms: int
+    max_queue: int  # items waiting per worker
+    max_queue_pixels: int  # image pixels waiting per worker
+    request_timeout_s: float  # a request's deadline inside the engine
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    port: int
+    workers: int
+    threads: int
+    cores: int
+
+
+@dataclass(frozen=True)
+class WearableSettings:
+    prompt_templates: tuple[str, ...]
+    top_k: int
+    store_images: bool
+
+
+@dataclass(frozen=True)
+class Config:
+    debug: bool
+    secret_key: str
+    allowed_hosts: tuple[str, ...]
+    csrf_trusted_origins: tuple[str, ...]
+    database_url: str
+    log_level: str
+    server: ServerSettings
+    limits: Limits
+    runtime: RuntimeSettings
+    wearable: WearableSettings
+
+
+# --- parsing -----------------------------------------------------------------------------------------
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class _Invalid(ValueError):
+    pass
+
+
+def _bool(raw: str, var: Var) -> bool:
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise _Invalid(f"{var.name}={raw!r} is not a boolean (use true/false, 1/0, yes/no, on/off)")
+
+
+def _int(raw: str, var: Var) -> int:
+    try:
+        number = int(raw.replace("_", ""))
+    except ValueError:
+        raise _Invalid(f"{var.name}={raw!r} is not an integer") from None
+    if var.minimum is not None and number < var.minimum:
+        raise _Invalid(f"{var.name}={number} is below its minimum of {var.minimum}")
+    if var.maximum is not None and number > var.maximum:
+        raise _Invalid(f"{var.name}={number} is above its maximum of {var.maximum}")
+    return number
+
+
+def _float(raw: str, var: Var) -> float:
+    try:
+        number = float(raw)
+    except ValueError:
+        raise _Invalid(f"{var.name}={raw!r} is not a number") from None
+    if not number == number or (var.minimum is not None and number < var.minimum):  # NaN, or too small
+        raise _Invalid(f"{var.name}={raw} is below its minimum of {var.minimum}")
+    if var.maximum is not None and number > var.maximum:
+        raise _Invalid(f"{var.name}={raw} is above its maximum of {var.maximum}")
+    return number
+
+
+def _choice(raw: str, var: Var) -> str:
+    if raw.lower() not in var.choices:
+        raise _Invalid(f"{var.name}={raw!r} is not one of: {', '.join(var.choices)}")
+    return raw.lower()
+
+
+def _str(raw: str, var: Var) -> str:
+    return raw
+
+
+def _list(raw: str, var: Var) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(var.separator) if item.strip())
+
+
+@dataclass(frozen=True)
+class Var:
+    """One environment variable: its default (None: derived in ``load``), parser, check id and hint."""
+
+    name: str
+    default: Any
+    parse: Callable[[str, Var], Any]
+    check_id: str
+    hint: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+    separator: str = ","
+    doc: str = field(default="", compare=False)
+
+
+_DEFAULT_TEMPLATES = ("a photo of a {}.", "a photo of a person wearing a {}.", "a close-up photo of a {}.")
+_READ_ME = "README.md lists the accepted values."
+
+VARIABLES: tuple[Var, ...] = (
+    Var("DJANGO_DEBUG", False, _bool, "clipsite.E001", "Use true or false; never true in production."),
+    Var("DJANGO_SECRET_KEY", "", _str, "clipsite.E002", "A long random string; unset keeps one in var/secret_key."),
+    Var("DJANGO_ALLOWED_HOSTS", ("*",), _list, "clipsite.E003", "Comma-separated host names."),
+    Var("DJANGO_CSRF_TRUSTED_ORIGINS", (), _list, "clipsite.E004", "Comma-separated origins (https://host)."),
+    Var("DATABASE_URL", "", _str, "clipsite.E005", "A URL dj-database-url reads, e.g. postgres://u:p@host/db."),
+    Var(
+        "LOG_LEVEL",
+        "info",
+        _choice,
+        "clipsite.E006",
+        "One of debug, info, warning, error, critical.",
+        choices=("debug", "info", "warning", "error", "critical"),
+    ),
+    Var("PORT", 8081, _int, "clipsite.E007", "A TCP port from 1 to 65535.", minimum=1, maximum=65535),
+    Var("WEB_CONCURRENCY", None, _int, "clipsite.E008", "Worker processes, 1 to 64.", minimum=1, maximum=64),
+    Var("WEB_THREADS", 8, _int, "clipsite.E009", "Request threads per worker, 1 to 256.", minimum=1, maximum=256),
+    Var("CLIP_MODEL", "", _str, "clipsite.E010", "A Hugging Face id, a save_pretrained folder or the original layout."),
+    Var("CLIP_MODELS_DIR", "/home/models/clip_models", _str, "clipsite.E011", "A folder this user can write."),
+    Var("CLIP_DEVICE", "cpu", _choice, "clipsite.E012", "cpu, cuda or auto.", choices=("cpu", "cuda", "auto")),
+    Var("CLIP_RUNTIME", "auto", _choice, "clipsite.E013", "auto, torch or onnx.", choices=("auto", "torch", "onnx")),
+    Var("CLIP_QUANTIZE", "none", _choice, "clipsite.E014", "none or int8.", choices=("none", "int8")),
+    Var("CLIP_WARMUP", True, _bool, "clipsite.E015", "true: a server process loads the model when it starts."),
+    Var("CLIP_TORCH_THREADS", 0, _int, "clipsite.E016", "0 (cores / workers) or 1 to 256.", minimum=0, maximum=256),
+    Var("CLIP_SOLO_THREADS", 0, _int, "clipsite.E017", "0 (every core) or 1 to 256.", minimum=0, maximum=256),
+    Var("CLIP_MAX_BATCH", 32, _int, "clipsite.E018", "Items per forward, 1 to 1024.", minimum=1, maximum=1024),
+    Var("CLIP_MAX_WAIT_MS", 2, _int, "clipsite.E019", "Milliseconds, 0 to 10000.", minimum=0, maximum=10_000),
+    Var("CLIP_MAX_QUEUE", 1024, _int, "clipsite.E020", "Items, 1 to 1000000.", minimum=1, maximum=1_000_000),
+    Var(
+        "CLIP_MAX_QUEUE_PIXELS",
+        50_000_000,
+        _int,
+        "clipsite.E021",
+        "Image pixels waiting per worker (a 224x224 input is 50,176), at least 1.",
+        minimum=1,
+    ),
+    Var(
+        "CLIP_REQUEST_TIMEOUT",
+        60.0,
+        _float,
+        "clipsite.E022",
+        "Seconds a request may wait for the model, 0.1 to 3600.",
+        minimum=0.1,
+        maximum=3600,
+    ),
+    Var("CLIP_MAX_TEXT_WORDS", 50, _int, "clipsite.E023", "Words per text, 1 to 10000.", minimum=1, maximum=10_000),
+    Var("CLIP_MAX_FILE_BYTES", 20 * 1024 * 1024, _int, "clipsite.E024", "Bytes per file, at least 1.", minimum=1),
+    Var("CLIP_MAX_REQUEST_BYTES", 100 * 1024 * 1024, _int, "clipsite.E025", "Bytes per request.", minimum=1),
+    Var("CLIP_MAX_IMAGE_PIXELS", 50_000_000, _int, "clipsite.E026", "Pixels per image, at least 1.", minimum=1),
+    Var("CLIP_MAX_PARTS", 64, _int, "clipsite.E027", "Parts per request, 1 to 10000.", minimum=1, maximum=10_000),
+    Var("CLIP_MAX_KEY_CHARS", 200, _int, "clipsite.E028", "Characters per key, 1 to 10000.", minimum=1, maximum=10_000),
+    Var(
+        "WEARABLE_PROMPT_TEMPLATES",
+        _DEFAULT_TEMPLATES,
+        _list,
+        "wearable.E001",
+        'Give at least one template, e.g. "a photo of a {}." (templates are separated by |).',
+        separator="|",
+    ),
+    Var("WEARABLE_TOP_K", 3, _int, "clipsite.E029", "Categories per answer, 1 to 1000.", minimum=1, maximum=1000),
+    Var("WEARABLE_STORE_IMAGES", False, _bool, "clipsite.E030", "true keeps uploaded images with each answer."),
+)
+_BY_NAME = {var.name: var for var in VARIABLES}
+
+# Rules that join two values, each with its own id.
+_INT8_NEEDS_ONNX = ("clipsite.E031", "CLIP_QUANTIZE=int8 needs CLIP_RUNTIME=onnx (or auto)")
+_INT8_NEEDS_CPU = ("clipsite.E032", "CLIP_QUANTIZE=int8 runs on the CPU (ONNX Runtime): not with CLIP_DEVICE=cuda")
+_ONNX_NEEDS_CPU = ("clipsite.E033", "CLIP_RUNTIME=onnx runs on the CPU: use torch (or auto) with CLIP_DEVICE=cuda")
+_TEMPLATE_NEEDS_SLOT = ("wearable.E002", 'Every template needs "{}", e.g. "a photo of a {}."; separate them with |.')
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def load(environ: Mapping[str, str], *, base_dir: Path) -> tuple[Config, list[Problem]]:
+    """The configuration ``environ`` describes, and what is wrong with it (defaults stand in)."""
+    problems: list[Problem] = []
+    values: dict[str, Any] = {}
+    for var in VARIABLES:
+        raw = environ.get(var.name)
+        raw = None if raw is None else raw.strip()
+        values[var.name] = var.default
+        if raw:
+            try:
+                values[var.name] = var.parse(raw, var)
+            except _Invalid as exc:
+                problems.append(Problem(var.name, str(exc), var.check_id, f"{var.hint} {_READ_ME}".strip()))
+
+    def bad(rule: tuple[str, str], variable: str) -> None:
+        problems.append(Problem(variable, rule[1], rule[0], f"Change {variable}. {_READ_ME}"))
+
+    v = values
+    if not v["WEARABLE_PROMPT_TEMPLATES"]:
+        var = _BY_NAME["WEARABLE_PROMPT_TEMPLATES"]
+        problems.append(Problem(var.name, "WEARABLE_PROMPT_TEMPLATES is empty.", var.check_id, var.hint))
+        v["WEARABLE_PROMPT_TEMPLATES"] = _DEFAULT_TEMPLATES
+    for template in v["WEARABLE_PROMPT_TEMPLATES"]:
+        if "{}" not in template:
+            problems.append(
+                Problem(
+                    "WEARABLE_PROMPT_TEMPLATES",
+                    f"The prompt template {template!r} has no {{}} for the category's name.",
+                    *_TEMPLATE_NEEDS_SLOT,
+                )
+            )
+    if v["CLIP_QUANTIZE"] == "int8" and v["CLIP_RUNTIME"] == "torch":
+        bad(_INT8_NEEDS_ONNX, "CLIP_QUANTIZE")
+    if v["CLIP_QUANTIZE"] == "int8" and v["CLIP_DEVICE"] == "cuda":
+        bad(_INT8_NEEDS_CPU, "CLIP_QUANTIZE")
+    if v["CLIP_RUNTIME"] == "onnx" and v["CLIP_DEVICE"] == "cuda":
+        bad(_ONNX_NEEDS_CPU, "CLIP_RUNTIME")
+
+    cores = cpu_cores()
+    workers = v["WEB_CONCURRENCY"] or cores  # one worker per core: measured best end to end (README)
+    config = Config(
+        debug=v["DJANGO_DEBUG"],
+        secret_key=v["DJANGO_SECRET_KEY"],
+        allowed_hosts=tuple(v["DJANGO_ALLOWED_HOSTS"]),
+        csrf_trusted_origins=tuple(v["DJANGO_CSRF_TRUSTED_ORIGINS"]),
+        database_url=v["DATABASE_URL"] or f"sqlite:///{base_dir / 'var' / 'db.sqlite3'}",
+        log_level=v["LOG_LEVEL"].upper(),
+        server=ServerSettings(port=v["PORT"], workers=workers, threads=v["WEB_THREADS"], cores=cores),
+        limits=Limits(
+            max_text_words=v["CLIP_MAX_TEXT_WORDS"],
+            max_file_bytes=v["CLIP_MAX_FILE_BYTES"],
+            max_request_bytes=v["CLIP_MAX_REQUEST_BYTES"],
+            max_image_pixels=v["CLIP_MAX_IMAGE_PIXELS"],
+            max_parts=v["CLIP_MAX_PARTS"],
+            max_key_chars=v["CLIP_MAX_KEY_CHARS"],
+        ),
+        runtime=RuntimeSettings(
+            model=v["CLIP_MODEL"],
+            models_dir=Path(v["CLIP_MODELS_DIR"]).expanduser(),
+            device=v["CLIP_DEVICE"],
+            runtime=v["CLIP_RUNTIME"],
+            quantize=v["CLIP_QUANTIZE"],
+            warmup=v["CLIP_WARMUP"],
+            text_threads=v["CLIP_TORCH_THREADS"] or max(1, cores // workers),
+            image_threads=v["CLIP_SOLO_THREADS"] or cores,
+            max_batch=v["CLIP_MAX_BATCH"],
+            max_wait_ms=v["CLIP_MAX_WAIT_MS"],
+            max_queue=v["CLIP_MAX_QUEUE"],
+            max_queue_pixels=v["CLIP_MAX_QUEUE_PIXELS"],
+            request_timeout_s=float(v["CLIP_REQUEST_TIMEOUT"]),
+        ),
+        wearable=WearableSettings(
+            prompt_templates=tuple(v["WEARABLE_PROMPT_TEMPLATES"]),
+            top_k=v["WEARABLE_TOP_K"],
+            store_images=v["WEARABLE_STORE_IMAGES"],
+        ),
+    )
+    return config, problems
+
+
+def current() -> Config:
+    """The configuration in force (Django's settings hold it, so tests may replace it)."""
+    from django.conf import settings
+
+    return settings.CLIPSITE

@@ -1,0 +1,18 @@
+"""What a text must be to be embedded: the one rule the API and the wearable admin both apply."""
+
+from __future__ import annotations
+
+from clipsite.config import current
+from embeddings import errors
+
+
+def check_text(text: str, *, key: str | None = None, what: str = "Text part") -> str:
+    """``text`` itself when it may be embedded; else EmptyText or TextTooLong naming ``key``."""
+    label = f"{what} {key!r}" if key is not None else what
+    if not text.strip():
+        raise errors.EmptyText(f"{label} is empty.", key=key)
+    limit = current().limits.max_text_words
+    words = len(text.split())
+    if words > limit:
+        raise errors.TextTooLong(f"{label} has {words} words; the limit is {limit}.", key=key)
+    return text
