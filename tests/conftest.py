@@ -73,9 +73,9 @@ def override(settings, **sections) -> None:
     settings.CLIPSITE = config
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def no_engine_thread_left_running():
-    """Every engine a test opens is closed by it: only the process runtime's may outlive a test."""
+    """Every engine a test module opens is closed by it: only the process runtime's may outlive it."""
     yield
     kept = runtime._engine._thread if runtime.ready else None
     left = [t for t in threading.enumerate() if t.name.startswith("clip-engine") and t is not kept and t.is_alive()]
@@ -86,6 +86,24 @@ def no_engine_thread_left_running():
 def close_the_runtime_at_the_end():
     yield
     runtime.close()
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of two (n, dim) arrays: how separate computations of one vector are compared."""
+    a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_2d(np.asarray(b, np.float64))
+    return np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def assert_same_vectors(got, want, *, cosine: float = 0.99999, norm_rtol: float = 1e-4) -> None:
+    """Two computations of the same vectors agree: in direction (cosine) and, for raw projections, in length.
+
+    Float sums depend on threads, batch shapes and the CPU, so separate forward passes are never compared
+    bit for bit.
+    """
+    got, want = np.atleast_2d(np.asarray(got, np.float64)), np.atleast_2d(np.asarray(want, np.float64))
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert np.all(cosines(got, want) >= cosine), cosines(got, want)
+    assert np.allclose(np.linalg.norm(got, axis=1), np.linalg.norm(want, axis=1), rtol=norm_rtol)
 
 
 def photo_bytes(name: str) -> bytes:

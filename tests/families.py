@@ -60,8 +60,8 @@ _COLOURS = (
     "denim leather wool cotton"
 ).split()
 _ADJECTIVES = "small big large tiny old new young cute happy sad wet dry soft bright dark sunny rainy fast slow".split()
-_PLACES = "beach street park kitchen bedroom office shop market station airport forest desert snow grass road river".split()
-_VERBS = "sitting standing running walking sleeping eating playing jumping swimming flying riding holding wearing".split()
+_PLACES = "beach street park kitchen bedroom office shop market station forest desert snow grass road river".split()
+_VERBS = "sitting standing running walking sleeping eating playing jumping swimming flying riding wearing".split()
 _NUMBERS = "zero one two three four five six seven eight nine ten eleven twelve twenty hundred thousand".split()
 
 # Chinese captions for the multilingual families (Chinese-CLIP, AltCLIP, SigLIP 2's Gemma vocabulary).
@@ -83,6 +83,7 @@ def english_corpus(lines: int = 600) -> list[str]:
         lambda: f"A Photo Of The {pick(_NOUNS).title()}, number {rng.randint(0, 99)}.",
         lambda: f"a {pick(_NOUNS)} {pick(_VERBS)} in the {pick(_PLACES)}",
         lambda: f"{pick(_NUMBERS)} {pick(_ADJECTIVES)} {pick(_NOUNS)}s and {pick(_NUMBERS)} {pick(_CLOTHING)}s",
+        # "<" and ">" give SiglipTokenizer's "<unk>"-prefix trick real pieces to strip.
         lambda: f"there is a {pick(_NOUNS)} next to the {pick(_PLACES)} (<{rng.randint(0, 9)}>)",
     ]
     return [templates[i % len(templates)]() for i in range(lines)]
@@ -186,8 +187,9 @@ def _siglip2(scratch: Path, seed: int):
     from transformers import GemmaTokenizer, SiglipImageProcessorPil, SiglipProcessor
 
     vocab, merges = _train_gemma_bpe(english_corpus() + chinese_corpus())
-    # google/siglip2-*-224's Gemma tokenizer: </eos> and no <bos>, padding on the right, no attention
-    # mask; it does not lowercase (big_vision did), and transformers 5 keeps that for model_type siglip.
+    # google/siglip2-*-224's Gemma tokenizer: <eos> and no <bos>, padding on the right, no attention mask.
+    # It does not lowercase (big_vision did): transformers 5 picks its lowercasing Siglip2Tokenizer only
+    # for model_type siglip2 (NaFlex), and these checkpoints are model_type siglip.
     tokenizer = GemmaTokenizer(
         vocab=vocab,
         merges=merges,
@@ -338,9 +340,7 @@ def text_context(config) -> int:
     return positions - 2 if config.model_type == "altclip" else positions
 
 
-def reference_vectors(
-    folder: Path, *, images: list[Image.Image], texts: list[str]
-) -> tuple[np.ndarray, np.ndarray]:
+def reference_vectors(folder: Path, *, images: list[Image.Image], texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """transformers' own pipeline: AutoProcessor, get_image/text_features, L2 normalised (float32)."""
     import torch
     from transformers import AutoModel, AutoProcessor

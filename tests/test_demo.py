@@ -9,7 +9,7 @@ import pytest
 from django.test import Client
 
 from embeddings.runtime.state import runtime
-from tests.conftest import photo_bytes
+from tests.conftest import override, photo_bytes
 from wearable.models import Category
 from wearable.services import category_cache
 
@@ -45,7 +45,7 @@ def test_page_names_the_model_and_warns_of_a_test_model(client, clip):
 
 
 def test_page_says_when_the_model_is_still_loading(client, monkeypatch):
-    monkeypatch.setattr(runtime, "_encoder", None)
+    monkeypatch.setattr(runtime, "_engine", None)
     monkeypatch.setattr(runtime, "status", "loading")
     html = client.get(PAGE).content.decode()
     assert "Model loading" in html and 'id="model-loading-banner"' in html
@@ -91,7 +91,7 @@ def test_wearable_form_without_script_says_when_no_category_is_enabled(client, c
 
 
 def test_wearable_form_without_script_says_when_the_model_is_loading(client, categories, monkeypatch):
-    monkeypatch.setattr(runtime, "_encoder", None)
+    monkeypatch.setattr(runtime, "_engine", None)
     response = client.post(PAGE, {"panel": "wearable", "image": upload(photo_bytes("chelsea.jpg"), "cat.jpg")})
     assert response.status_code == 503
     assert "The model is still loading. Try again in a few seconds." in response.content.decode()
@@ -135,7 +135,7 @@ def test_compare_form_without_script_explains_a_file_that_is_not_an_image(client
 
 
 def test_compare_form_without_script_refuses_a_file_over_the_limit(client, clip, settings):
-    settings.CLIP_MAX_FILE_BYTES = 1000
+    override(settings, limits={"max_file_bytes": 1000})
     response = client.post(
         PAGE, {"panel": "compare", "images": [upload(photo_bytes("chelsea.jpg"), "cat.jpg")], "texts": "a cat"}
     )

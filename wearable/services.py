@@ -271,7 +271,9 @@ def rank_categories(
 
     Ranked by the true cosine (ties: display order, then name); only what is shown is rounded.
     """
-    cosine = matrix.vectors.astype(np.float64) @ image_vector.astype(np.float64)
+    # Row by row in one summation order (a matrix-vector product may sum rows in different orders),
+    # so categories with equal vectors tie exactly and their display order decides.
+    cosine = (matrix.vectors.astype(np.float64) * image_vector.astype(np.float64)).sum(axis=1)
     probabilities = category_probabilities(cosine, logit_scale=logit_scale, logit_bias=logit_bias)
     order = sorted(range(len(matrix.names)), key=lambda i: (-cosine[i], matrix.orders[i], matrix.names[i]))
     return [

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from embeddings.runtime.state import runtime
-from tests.conftest import gradient_image, image_bytes, multipart_body, photo_bytes
+from embeddings.services import l2_normalize
+from tests.conftest import assert_same_vectors, gradient_image, image_bytes, multipart_body, override, photo_bytes
 
 URL = "/syte_test/embeddings"
 
@@ -83,9 +84,7 @@ def test_vectors_follow_the_order_and_keys_sent(client, clip):
     assert list(body["vectors"]) == ["zeta", "pic_b", "alpha", "pic_a"]
     assert body["similarities"] == []  # no key pairs image-X / text-X
     assert np.array(body["similarity_matrix"]).shape == (2, 2)
-    texts, _ = clip.encode_texts(["first text", "second text"])
-    texts /= np.linalg.norm(texts, axis=1, keepdims=True)
-    assert np.allclose(body["texts_vectors"], texts, atol=1e-5)
+    assert_same_vectors(body["texts_vectors"], l2_normalize(clip.embed_texts(["first text", "second text"])))
 
 
 def test_only_texts_leaves_images_empty_and_no_matrix(client, clip):
@@ -110,8 +109,7 @@ def test_pairs_are_matched_by_suffix(client, clip):
 
 def test_normalize_false_returns_raw_projections(client, clip):
     body = post(client, {"t": "a red car"}, path=URL + "?normalize=false").json()
-    raw, _ = clip.encode_texts(["a red car"])
-    assert np.allclose(body["texts_vectors"][0], raw[0], atol=1e-5)
+    assert_same_vectors(body["texts_vectors"][0], clip.embed_texts(["a red car"])[0])
     assert body["normalized"] is False
 
 
@@ -170,7 +168,7 @@ def test_invalid_utf8_text_is_400(client, clip):
 
 
 def test_text_over_word_limit_is_400(client, clip, settings):
-    settings.CLIP_MAX_TEXT_WORDS = 5
+    override(settings, limits={"max_text_words": 5})
     error = error_of(post(client, {"t": "one two three four five six"}), 400)
     assert error["code"] == "text_too_long" and error["key"] == "t"
     assert post(client, {"t": "one two three four five"}).status_code == 200
@@ -216,7 +214,7 @@ def test_unknown_api_path_is_404_in_the_api_shape(client):
 
 
 def test_not_ready_is_503(client, tiny_model_dir):
-    runtime.reset()
+    runtime.close()
     try:
         response = post(client, {"t": "x"})
         assert error_of(response, 503)["code"] == "not_ready"
@@ -224,7 +222,7 @@ def test_not_ready_is_503(client, tiny_model_dir):
         assert client.get("/readyz").status_code == 503
         assert client.get("/healthz").status_code == 200
     finally:
-        runtime.reset()
+        runtime.close()
 
 
 def test_readyz_reports_the_model(client, clip):
@@ -235,32 +233,32 @@ def test_readyz_reports_the_model(client, clip):
 
 # --- limits ------------------------------------------------------------------------------------
 def test_file_over_byte_limit_is_413(client, clip, settings):
-    settings.CLIP_MAX_FILE_BYTES = 1000
+    override(settings, limits={"max_file_bytes": 1000})
     error = error_of(post(client, {"big": upload(b"\xff" * 2000, "big.jpg")}), 413)
     assert error["code"] == "file_too_large" and error["key"] == "big"
 
 
 def test_request_over_byte_limit_is_413_before_reading(client, clip, settings):
-    settings.CLIP_MAX_REQUEST_BYTES = 5000
-    settings.CLIP_MAX_FILE_BYTES = 10_000
+    override(settings, limits={"max_request_bytes": 5000})
+    override(settings, limits={"max_file_bytes": 10_000})
     error = error_of(post(client, {"big": upload(b"\xff" * 6000, "big.jpg")}), 413)
     assert error["code"] == "request_too_large"
 
 
 def test_image_over_pixel_limit_is_413(client, clip, settings):
-    settings.CLIP_MAX_IMAGE_PIXELS = 100 * 100
+    override(settings, limits={"max_image_pixels": 100 * 100})
     error = error_of(post(client, {"px": upload(image_bytes(gradient_image(200, 200)), "px.png")}), 413)
     assert error["code"] == "image_too_large" and error["key"] == "px"
 
 
 def test_too_many_parts_is_413(client, clip, settings):
-    settings.CLIP_MAX_PARTS = 3
+    override(settings, limits={"max_parts": 3})
     error = error_of(post(client, {f"t{i}": "x" for i in range(4)}), 413)
     assert error["code"] == "too_many_parts"
 
 
 def test_key_over_character_limit_is_413(client, clip, settings):
-    settings.CLIP_MAX_KEY_CHARS = 10
+    override(settings, limits={"max_key_chars": 10})
     error = error_of(post(client, {"k" * 11: "x"}), 413)
     assert error["code"] == "key_too_long"
 
@@ -282,7 +280,7 @@ def test_no_internal_text_leaks_from_a_failing_model(client, clip, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("secret internal detail /etc/passwd")
 
-    monkeypatch.setattr(clip, "encode_texts", boom)
+    monkeypatch.setattr(clip, "embed", boom)
     response = post(client, {"t": "x"})
     error = error_of(response, 500)
     assert error["code"] == "internal_error" and "secret" not in response.content.decode()
@@ -306,14 +304,33 @@ def test_multipart_without_boundary_is_400(client, clip):
     assert error_of(response, 400)["code"] == "malformed_multipart"
 
 
-def test_float_vectors_are_exact_float32_in_their_shortest_form(client, clip):
+def test_float_vectors_are_exact_float32_in_their_shortest_form(client, clip, monkeypatch):
+    """The JSON parses back to exactly the float32 array the service computed, in the same call."""
+    computed = []
+    embed = clip.embed
+
+    def keep(**kwargs):
+        out = embed(**kwargs)
+        computed.append(out.texts.copy())
+        return out
+
+    monkeypatch.setattr(clip, "embed", keep)
     response = post(client, {"t": "a red car"})
-    raw, _ = clip.encode_texts(["a red car"])
-    want = (raw[0] / np.linalg.norm(raw[0])).astype(np.float32)
+    want = l2_normalize(computed[0])[0]
     got = np.array(response.json()["vectors"]["t"], dtype=np.float32)
     assert np.array_equal(got, want)  # bit for bit after the round trip
     first = response.content.split(b"[", 2)[2].split(b",")[0]
     assert len(first.lstrip(b"-").rstrip(b"]")) <= 14  # no 17-digit double expansions
+
+
+def test_the_renderer_writes_each_float32_exactly_and_shortest():
+    from embeddings.renderers import FastJSONRenderer
+
+    values = np.array([0.1, -1 / 3, 1e-8, 123456.79, np.float32(0.088972285), 2**-126], dtype=np.float32)
+    rendered = FastJSONRenderer().render({"v": values}, "application/json", {})
+    parsed = np.array(json.loads(rendered)["v"], dtype=np.float32)
+    assert np.array_equal(parsed, values)
+    assert b"0.1," in rendered and b"0.088972285" in rendered  # float32's shortest digits, not float64's
 
 
 def test_a_sliver_image_is_refused_before_it_is_resized_to_gigabytes(client, clip):
@@ -335,7 +352,7 @@ def test_concurrent_text_requests_do_not_race_on_the_tokenizer(clip):
 
     def call(text):
         try:
-            vectors, truncated = clip.encode_texts([text])
+            vectors = clip.embed_texts([text])
             assert vectors.shape == (1, clip.dim)
         except Exception as exc:  # noqa: BLE001
             failures.append(exc)

@@ -74,8 +74,8 @@ def inputs_and_expected_pils():
     return [(n, d, p if p is not None else Image.open(io.BytesIO(d))) for n, d, p in cases]
 
 
-def check_parity(client, model_dir, backend="torch"):
-    assert load_runtime(model_dir, backend).backend.name == backend
+def check_parity(client, model_dir, backend):
+    assert load_runtime(model_dir, backend).describe() == {"image": f"{backend}/float32", "text": f"{backend}/float32"}
     ref_images, ref_texts = reference(model_dir)
     cases = inputs_and_expected_pils()
     parts = [(f"img{i}", data, name) for i, (name, data, _) in enumerate(cases)]

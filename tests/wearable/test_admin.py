@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from tests.conftest import photo_bytes
+from tests.conftest import override, photo_bytes
 from tests.wearable.conftest import FEEDBACK, post_wearable
 from wearable.models import Category, CategoryEmbedding, Prediction
 
@@ -109,10 +109,10 @@ def test_validation_errors_are_shown_as_messages(admin_client, clip, changes, ex
 
 
 def test_a_prompt_over_the_word_limit_is_refused(admin_client, clip, settings):
-    settings.CLIP_MAX_TEXT_WORDS = 3
+    override(settings, limits={"max_text_words": 3})
     hat = Category.objects.get(name="hat")
     response = admin_client.post(f"{CATEGORIES}{hat.pk}/change/", change_form_data(hat, prompts="a b c d e"))
-    assert response.status_code == 200 and any("more than 3 words" in m for m in message_list(response))
+    assert response.status_code == 200 and any("the limit is 3" in m for m in message_list(response))
 
 
 def test_a_category_added_in_admin_is_ranked(admin_client, client, clip, jpeg):
@@ -140,7 +140,9 @@ def test_enable_and_disable_actions(admin_client, client, clip, jpeg):
 
 
 def test_list_editable_order_and_enabled_are_seen_on_the_next_answer(admin_client, client, clip, jpeg, settings):
-    settings.WEARABLE_PROMPT_TEMPLATES = ["a photo of clothing."]  # every score ties: order decides
+    override(
+        settings, wearable={"prompt_templates": tuple(["a photo of clothing."])}
+    )  # every score ties: order decides
     assert post_wearable(client, jpeg, query="?top_k=1").json()["top_categories"] == ["t-shirt"]
     categories = list(Category.objects.order_by("display_order", "name"))
     data = {

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from embeddings.images import decode_image
-from embeddings.runtime.encoder import l2_normalize
-from tests.conftest import gradient_image, image_bytes, multipart_body, photo_bytes
+from embeddings.services import l2_normalize
+from tests.conftest import gradient_image, image_bytes, multipart_body, override, photo_bytes
 from tests.wearable.conftest import WEARABLE, post_wearable, upload
 from wearable.models import Category, CategoryEmbedding, Prediction
 from wearable.services import category_cache
@@ -104,7 +104,7 @@ def test_top_k_range_follows_the_enabled_categories(client, clip, jpeg):
 
 
 def test_with_the_template_alone_scores_equal_the_embeddings_endpoint(client, clip, jpeg, settings):
-    settings.WEARABLE_PROMPT_TEMPLATES = ["{}"]
+    override(settings, wearable={"prompt_templates": tuple(["{}"])})
     body = post_wearable(client, jpeg, query="?top_k=20").json()
     parts = [("image", jpeg, "photo.jpg")] + [(f"text-{i}", name, None) for i, name in enumerate(SEEDED)]
     body_bytes, content_type = multipart_body(parts)
@@ -121,7 +121,7 @@ def test_with_the_template_alone_scores_equal_the_embeddings_endpoint(client, cl
         )
     # probability: softmax of the model's logit scale x cosine, over every enabled category
     cosines = np.array([expected[name] / 100 for name in SEEDED])
-    logits = clip.logit_scale * cosines
+    logits = clip.info.logit_scale * cosines
     softmax = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
     for entry in body["scores"]:
         assert entry["probability"] == pytest.approx(softmax[SEEDED.index(entry["category"])], abs=1e-4)
@@ -129,16 +129,16 @@ def test_with_the_template_alone_scores_equal_the_embeddings_endpoint(client, cl
 
 def test_a_category_vector_is_the_normalised_mean_of_its_prompts(client, clip, jpeg, settings):
     templates = ["a photo of a {}.", "a {} on a person."]
-    settings.WEARABLE_PROMPT_TEMPLATES = templates
+    override(settings, wearable={"prompt_templates": tuple(templates)})
     Category.objects.filter(name="hat").update(prompts="a straw hat\na baseball cap")
     Category.objects.exclude(name__in=["hat", "jeans"]).update(enabled=False)
     body = post_wearable(client, jpeg, query="?top_k=2").json()
-    image = l2_normalize(clip.encode_images([_photo(jpeg)]))[0]
+    image = l2_normalize(clip.embed_images([_photo(jpeg)]))[0]
     for name, prompts in (
         ("hat", ["a straw hat", "a baseball cap"]),
         ("jeans", [t.format("jeans") for t in templates]),
     ):
-        raw, _ = clip.encode_texts(prompts)
+        raw = clip.embed_texts(prompts)
         vector = l2_normalize(l2_normalize(raw).mean(axis=0))
         score = next(s["score"] for s in body["scores"] if s["category"] == name)
         assert score == pytest.approx(100 * float(vector @ image), abs=0.011)
@@ -151,7 +151,9 @@ def _photo(data: bytes):
 
 
 def test_ties_are_broken_by_display_order_then_name(client, clip, jpeg, settings):
-    settings.WEARABLE_PROMPT_TEMPLATES = ["a photo of clothing."]  # one text for all: every score ties
+    override(
+        settings, wearable={"prompt_templates": tuple(["a photo of clothing."])}
+    )  # one text for all: every score ties
     Category.objects.filter(name="watch").update(display_order=1)
     body = post_wearable(client, jpeg, query="?top_k=4").json()
     assert len({s["score"] for s in body["scores"]}) == 1
@@ -165,9 +167,15 @@ def test_a_warm_request_never_runs_the_text_encoder(client, clip, jpeg, monkeypa
         raise AssertionError(f"the text encoder ran during a warm wearable request: {texts[:3]}")
 
     image_passes = []
-    encode_images = clip.encode_images
-    monkeypatch.setattr(clip, "encode_texts", no_text_encoder)
-    monkeypatch.setattr(clip, "encode_images", lambda images: image_passes.append(len(images)) or encode_images(images))
+    embed = clip.embed
+
+    def counting(*, images=(), texts=(), timeout=None):
+        if texts:
+            no_text_encoder(texts)
+        image_passes.append(len(images))
+        return embed(images=images, texts=texts, timeout=timeout)
+
+    monkeypatch.setattr(clip, "embed", counting)
     # One small query (is the cache current?) and one insert (the recorded answer).
     with django_assert_num_queries(2):
         response = post_wearable(client, photo_bytes("astronaut.jpg"))
@@ -183,14 +191,14 @@ def test_a_cold_process_reads_stored_vectors_instead_of_encoding(client, clip, j
     def no_text_encoder(texts):
         raise AssertionError("stored vectors were computed again")
 
-    monkeypatch.setattr(clip, "encode_texts", no_text_encoder)
+    monkeypatch.setattr(clip, "embed_texts", no_text_encoder)
     assert post_wearable(client, jpeg, query="?top_k=20").json()["scores"] == first["scores"]
 
 
 def test_missing_vectors_are_computed_in_one_batch(client, clip, jpeg, monkeypatch):
     calls = []
-    encode_texts = clip.encode_texts
-    monkeypatch.setattr(clip, "encode_texts", lambda texts: calls.append(list(texts)) or encode_texts(texts))
+    embed_texts = clip.embed_texts
+    monkeypatch.setattr(clip, "embed_texts", lambda texts: calls.append(list(texts)) or embed_texts(texts))
     post_wearable(client, jpeg)
     assert len(calls) == 1 and len(calls[0]) == 60
     Category.objects.filter(name="hat").update(prompts="a cowboy hat")  # a shell edit: updated_at untouched
@@ -199,7 +207,7 @@ def test_missing_vectors_are_computed_in_one_batch(client, clip, jpeg, monkeypat
 
 
 def test_vectors_of_another_model_are_never_used(client, clip, jpeg, settings):
-    settings.WEARABLE_PROMPT_TEMPLATES = ["{}"]
+    override(settings, wearable={"prompt_templates": tuple(["{}"])})
     expected = post_wearable(client, jpeg, query="?top_k=20").json()["scores"]
     # The rows an earlier CLIP_MODEL left: same categories and prompts, other vectors.
     rows = list(CategoryEmbedding.objects.filter(model_name=clip.name))
@@ -245,7 +253,7 @@ def test_each_answer_is_recorded_without_the_image(client, clip, jpeg):
 
 
 def test_the_image_is_kept_when_the_setting_asks(client, clip, jpeg, settings):
-    settings.WEARABLE_STORE_IMAGES = True
+    override(settings, wearable={"store_images": True})
     post_wearable(client, jpeg)
     assert bytes(Prediction.objects.get().image) == jpeg
 
@@ -286,7 +294,7 @@ def test_an_image_that_does_not_decode_is_400_like_embeddings(client, clip):
 
 
 def test_image_limits_are_those_of_embeddings(client, clip, settings):
-    settings.CLIP_MAX_IMAGE_PIXELS = 1000
+    override(settings, limits={"max_image_pixels": 1000})
     response = post_wearable(client, image_bytes(gradient_image(100, 100)))
     assert response.status_code == 413 and error_of(response)["code"] == "image_too_large"
 

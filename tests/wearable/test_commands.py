@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from django.core.management import CommandError, call_command
 
-from tests.conftest import MODELS
+from tests.conftest import MODELS, assert_same_vectors, override
 from tests.server import ROOT
 from wearable.models import Category, CategoryEmbedding
 
@@ -20,8 +20,7 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def configured(settings, tiny_model_dir, clip):
-    settings.CLIP_MODEL = str(tiny_model_dir)
-    settings.CLIP_MODELS_DIR = MODELS
+    override(settings, runtime={"model": str(tiny_model_dir), "models_dir": MODELS})
     return clip
 
 
@@ -39,9 +38,8 @@ def test_refresh_stores_every_prompt_vector_with_a_progress_bar(configured):
     rows = CategoryEmbedding.objects.filter(model_name=configured.name)
     assert rows.count() == 59
     hat = rows.filter(category__name="hat").order_by("prompt")
-    raw, _ = configured.encode_texts(["a cap", "a hat"])
-    for row, expected in zip(hat, raw, strict=True):
-        np.testing.assert_allclose(np.frombuffer(bytes(row.vector), "<f4"), expected, atol=1e-5)
+    stored = np.stack([np.frombuffer(bytes(row.vector), "<f4") for row in hat])
+    assert_same_vectors(stored, configured.embed_texts(["a cap", "a hat"]))
 
 
 def test_refresh_replaces_stale_and_wrong_rows(configured):

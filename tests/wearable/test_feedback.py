@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import multipart_body, photo_bytes
+from tests.conftest import multipart_body, override, photo_bytes
 from tests.wearable.conftest import FEEDBACK, post_wearable
 from wearable.models import Category, Feedback, Prediction
 
@@ -164,7 +164,7 @@ def test_deeply_nested_feedback_json_is_a_400_not_a_500(client):
 
 
 def test_feedback_over_the_request_limit_is_refused_before_it_is_read(client, settings):
-    settings.CLIP_MAX_REQUEST_BYTES = 1000
+    override(settings, limits={"max_request_bytes": 1000})
     response = client.post(
         "/syte_test/feedback", data={"request_id": "x", "pad": "y" * 2000}, content_type="application/json"
     )
