@@ -15,7 +15,9 @@ class RequestIdFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
-            record.request_id = current_request_id.get()
+            # Django logs a request's 4xx/5xx line after the middleware has returned, with the request.
+            from_request = getattr(getattr(record, "request", None), "request_id", None)
+            record.request_id = from_request or current_request_id.get()
         return True
 
 

@@ -20,8 +20,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+START = ["bash", str(ROOT / "scripts" / "start.sh")]
+# gunicorn alone, as the container's workers run after the start script's checks and prepare_model.
+GUNICORN_ONLY = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "clipsite" / "gunicorn.conf.py")]
+
+
 class Server:
-    def __init__(self, env: dict[str, str], log: Path):
+    def __init__(self, env: dict[str, str], log: Path, command: list[str] | None = None):
         self.port = int(env["PORT"])
         self.log = log
         full_env = {**os.environ, "PYTHON": sys.executable, **env}
@@ -29,11 +34,12 @@ class Server:
         full_env["PATH"] = f"{Path(sys.executable).parent}:{full_env.get('PATH', '')}"
         self._log_file = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            ["bash", str(ROOT / "scripts" / "start.sh")],
+            command or START,
             env=full_env,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            cwd=ROOT,
         )
 
     @property

@@ -101,7 +101,7 @@ def prepared_dir(model_dir: Path, models_dir: Path) -> Path:
 def fingerprint(source: ModelSource) -> str:
     """Changes whenever the weights, the configuration or the processor's files change."""
     parts = [str(source.model_dir.resolve()), str(source.processor_dir.resolve())]
-    for folder in {source.model_dir, source.processor_dir}:
+    for folder in sorted({source.model_dir, source.processor_dir}):
         for f in sorted(p for p in folder.iterdir() if p.is_file()):
             stat = f.stat()
             parts.append(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}")

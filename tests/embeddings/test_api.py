@@ -363,3 +363,44 @@ def test_concurrent_text_requests_do_not_race_on_the_tokenizer(clip):
     for t in threads:
         t.join()
     assert failures == []
+
+
+def test_every_log_line_of_a_request_carries_its_request_id_the_500_included(client, clip, monkeypatch):
+    import logging
+
+    def boom(**kwargs):
+        logging.getLogger("embeddings.services").warning("about to fail")
+        raise RuntimeError("internal")
+
+    console = next(h for h in logging.getLogger().handlers if getattr(h, "name", "") == "console")
+    stream = io.StringIO()
+    monkeypatch.setattr(clip, "embed", boom)
+    old = console.setStream(stream)
+    try:
+        response = post(client, {"t": "x"}, headers={"request_id": "rid-500"})
+    finally:
+        console.setStream(old)
+    assert response.status_code == 500
+    lines = [line for line in stream.getvalue().splitlines() if " WARNING " in line or " ERROR " in line]
+    assert any("about to fail" in line for line in lines) and any("Unhandled error" in line for line in lines)
+    assert all("[rid-500]" in line for line in lines), lines
+
+
+def test_every_documented_error_code_is_one_row_of_the_error_table():
+    import re
+    from pathlib import Path
+
+    from embeddings import errors
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    documented = set(re.findall(r"`([a-z_]+)`", readme.split("### Errors", 1)[1].split("### Health", 1)[0]))
+    documented -= {"filename", "request_id", "key"}
+    rows = {
+        cls.default_code: cls
+        for cls in vars(errors).values()
+        if isinstance(cls, type) and issubclass(cls, errors.ApiError)
+    }
+    assert documented <= set(rows), documented - set(rows)
+    for code in ("not_ready", "overloaded", "timeout"):
+        assert rows[code].retry_after and rows[code].status_code in (503, 504)
+    assert rows["file_too_large"].status_code == 413 and rows["file_too_large"]().code == "file_too_large"

@@ -9,7 +9,8 @@ import threading
 
 import pytest
 
-from embeddings.runtime import loading, prepare as prepare_module
+from embeddings.runtime import loading
+from embeddings.runtime import prepare as prepare_module
 from embeddings.runtime.loading import ModelNotPrepared
 from embeddings.runtime.prepare import PARITY_FLOOR, manifest_path, prepare, prepared_dir, read_manifest
 from embeddings.runtime.state import Runtime
@@ -134,3 +135,29 @@ def test_two_processes_preparing_at_once_agree(model_copy):
         t.join()
     assert not failures and len(results) == 3
     assert len({r.prepared_at for r in results}) == 1  # one prepared, the others found its manifest
+
+
+def test_the_fingerprint_is_the_same_in_every_process(model_copy):
+    """Workers are other processes (other hash seeds): they must see the manifest prepare_model wrote."""
+    import subprocess
+    import sys
+
+    from embeddings.runtime.loading import resolve_model_source
+    from embeddings.runtime.prepare import fingerprint
+
+    code = (
+        "import sys; from embeddings.runtime.loading import resolve_model_source; "
+        "from embeddings.runtime.prepare import fingerprint; "
+        "print(fingerprint(resolve_model_source(sys.argv[1], sys.argv[2])))"
+    )
+    here = fingerprint(resolve_model_source(str(model_copy), MODELS))
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "DJANGO_SETTINGS_MODULE": "tests.settings"}
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(model_copy), str(MODELS)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert out.stdout.strip() == here

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.conftest import multipart_body, photo_bytes
-from tests.server import ROOT, Server, raw_http, server_env
+from tests.server import GUNICORN_ONLY, ROOT, Server, raw_http, server_env
 
 pytestmark = pytest.mark.server
 
@@ -112,7 +112,7 @@ def test_unloadable_model_stops_the_start_with_a_clear_error(tmp_path):
 def test_bad_configuration_value_stops_the_start_naming_the_variable(tmp_path, tiny_model_dir):
     result = run_start(tmp_path, tiny_model_dir, CLIP_MAX_PARTS="lots")
     assert result.returncode != 0
-    assert "CLIP_MAX_PARTS" in result.stderr and "embeddings.E001" in result.stderr
+    assert "CLIP_MAX_PARTS" in result.stderr and "clipsite.E027" in result.stderr
 
 
 def test_a_model_that_fails_in_the_worker_stops_gunicorn(tmp_path, tiny_model_dir):
@@ -125,3 +125,83 @@ def test_a_model_that_fails_in_the_worker_stops_gunicorn(tmp_path, tiny_model_di
     result = run_start(tmp_path, broken)
     assert result.returncode != 0
     assert "cannot load" in (result.stderr + result.stdout).lower()
+
+
+class RecordingHub:
+    """A loopback TCP listener standing in for the Hugging Face hub: it counts who connects."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.connections = 0
+        self._stop = False
+        import threading
+
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _accept(self):
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            conn.close()
+
+    def close(self):
+        self._stop = True
+        self._thread.join(5)
+        self.sock.close()
+
+
+def test_workers_never_touch_the_hub_after_prepare_model(tmp_path, tiny_model_dir):
+    import shutil
+
+    from embeddings.runtime import loading, testmodel
+
+    models = tmp_path / "models"
+    cache = loading.hub_cache_dir(models, "openai/clip-vit-base-patch32")
+    shutil.copytree(tiny_model_dir, cache, ignore=shutil.ignore_patterns("clipsite-prepared"))
+    (cache / "model-clip" / testmodel.MARKER).unlink()  # as prepare_model would have fetched it
+    hub = RecordingHub()
+    env = server_env(tmp_path, "openai/clip-vit-base-patch32", HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0")
+    prepared = subprocess.run(
+        [sys.executable, "manage.py", "prepare_model"],
+        env={**__import__("os").environ, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert prepared.returncode == 0, prepared.stderr
+    srv = Server(env, tmp_path / "server.log", command=GUNICORN_ONLY)
+    try:
+        ready = srv.wait_ready()
+        assert ready["model"] == "openai/clip-vit-base-patch32" and ready["backend"]["image"] == "onnx/float32"
+        body, content_type = multipart_body([("text-1", "offline", None)])
+        status, _, _ = raw_http(srv.port, request_bytes("/syte_test/embeddings", body, content_type))
+        assert status == 200
+    finally:
+        srv.stop()
+        hub.close()
+    assert hub.connections == 0
+
+
+def test_a_worker_with_nothing_prepared_stops_and_names_prepare_model(tmp_path, tiny_model_dir):
+    import shutil
+
+    folder = tmp_path / "unprepared"
+    shutil.copytree(tiny_model_dir, folder, ignore=shutil.ignore_patterns("clipsite-prepared"))
+    env = {**__import__("os").environ, **server_env(tmp_path, folder), "PYTHON": sys.executable}
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], env=env, cwd=ROOT, check=True, timeout=120)
+    result = subprocess.run(GUNICORN_ONLY, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0
+    assert "prepare_model" in result.stdout + result.stderr
+    assert not (folder / "model-clip" / "clipsite-prepared" / "image.onnx").exists()  # the worker exported nothing

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import hashlib
+import io
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from embeddings.images import decode_image
 from embeddings.services import l2_normalize
-from tests.conftest import gradient_image, image_bytes, multipart_body, override, photo_bytes
+from tests.conftest import (
+    assert_same_vectors,
+    cosines,
+    gradient_image,
+    image_bytes,
+    multipart_body,
+    override,
+    photo_bytes,
+)
 from tests.wearable.conftest import WEARABLE, post_wearable, upload
 from wearable.models import Category, CategoryEmbedding, Prediction
 from wearable.services import category_cache
@@ -321,3 +331,53 @@ def test_any_key_and_image_format_are_accepted(client, clip):
 def test_doubled_slash_reaches_the_wearable_view(client, clip, jpeg):
     response = client.post(WEARABLE, data={"image": upload(jpeg)}, PATH_INFO="//syte_test/wearable")
     assert response.status_code == 200, response.content
+
+
+def test_a_large_jpeg_gets_the_same_vector_from_both_endpoints(client, clip, monkeypatch):
+    """One upload, one decoding (libjpeg's draft included) and one vector, whichever endpoint it reaches."""
+    photo = Image.open(io.BytesIO(photo_bytes("astronaut.jpg"))).convert("RGB")
+    data = image_bytes(photo.resize((2000, 1500), Image.Resampling.BICUBIC), "JPEG", quality=90)
+    seen = []
+    embed = clip.embed
+
+    def recording(*, images=(), texts=(), timeout=None):
+        out = embed(images=images, texts=texts, timeout=timeout)
+        seen.extend((np.asarray(image).copy(), vector.copy()) for image, vector in zip(images, out.images, strict=True))
+        return out
+
+    monkeypatch.setattr(clip, "embed", recording)
+    assert post_raw(client, [("image", data, "big.jpg")]).status_code == 200
+    body, content_type = multipart_body([("image", data, "big.jpg")])
+    response = client.generic("POST", "/syte_test/embeddings", body, content_type=content_type)
+    assert response.status_code == 200
+    (wearable_pixels, wearable_vector), (embeddings_pixels, embeddings_vector) = seen
+    assert wearable_pixels.shape == embeddings_pixels.shape and min(wearable_pixels.shape[:2]) < 1500  # drafted
+    assert np.array_equal(wearable_pixels, embeddings_pixels)  # the same decoded picture
+    assert_same_vectors(wearable_vector, embeddings_vector)
+    served = np.array(response.json()["images_vectors"][0])
+    assert float(cosines(served, wearable_vector)[0]) >= 0.99999
+
+
+def test_categories_are_ranked_by_their_true_cosine_not_the_rounded_score():
+    from wearable.services import CategoryMatrix, rank_categories
+
+    image = np.zeros(4)
+    image[0] = 1.0
+    # cosines 0.30001 and 0.30004: both shown as 30.0, the second truly closer; display order favours the first
+    vectors = np.array([[0.30001, np.sqrt(1 - 0.30001**2), 0, 0], [0.30004, 0, np.sqrt(1 - 0.30004**2), 0]])
+    matrix = CategoryMatrix(model_name="m", stamp=(), names=["first", "second"], orders=[0, 1], vectors=vectors)
+    ranked = rank_categories(matrix=matrix, image_vector=image, logit_scale=100.0, logit_bias=None, top_k=2)
+    assert [r["category"] for r in ranked] == ["second", "first"]
+    assert ranked[0]["score"] == ranked[1]["score"] == 30.0
+    assert ranked[0]["probability"] > ranked[1]["probability"]
+
+
+def test_siglip_probabilities_are_independent_sigmoids_clip_ones_a_softmax():
+    from wearable.services import category_probabilities
+
+    cosine = np.array([0.1, 0.2, 0.05])
+    softmax = category_probabilities(cosine, logit_scale=10.0, logit_bias=None)
+    assert softmax.sum() == pytest.approx(1.0)
+    sigmoid = category_probabilities(cosine, logit_scale=10.0, logit_bias=-2.0)
+    assert np.allclose(sigmoid, 1 / (1 + np.exp(-(10 * cosine - 2))))
+    assert sigmoid.sum() != pytest.approx(1.0)

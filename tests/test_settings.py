@@ -1,0 +1,117 @@
+"""The one frozen configuration: defaults written once, every bad value its own check id and hint."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from django.core import checks
+
+from clipsite.config import VARIABLES, Config, load
+
+BASE = Path("/srv/clipsite")
+BAD_VALUES = {
+    "_bool": "maybe",
+    "_int": "lots",
+    "_float": "soon",
+    "_choice": "quantum",
+}
+
+
+def test_the_defaults_need_no_environment():
+    config, problems = load({}, base_dir=BASE)
+    assert problems == []
+    assert config.limits.max_parts == 64 and config.limits.max_text_words == 50
+    assert config.runtime.runtime == "auto" and config.runtime.max_batch == 32
+    assert config.server.port == 8081 and config.server.workers == config.server.cores
+    assert config.database_url == "sqlite:////srv/clipsite/var/db.sqlite3"
+    assert config.wearable.prompt_templates[0] == "a photo of a {}."
+
+
+def test_the_configuration_is_frozen():
+    config, _ = load({}, base_dir=BASE)
+    assert isinstance(config, Config)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.limits.max_parts = 3
+
+
+def test_every_variable_has_its_own_check_id_and_a_hint():
+    ids = [var.check_id for var in VARIABLES]
+    assert len(ids) == len(set(ids))
+    assert all(var.hint for var in VARIABLES)
+
+
+@pytest.mark.parametrize("var", [v for v in VARIABLES if v.parse.__name__ in BAD_VALUES], ids=lambda v: v.name)
+def test_a_bad_value_is_reported_with_the_variables_own_id_and_the_default_stands_in(var):
+    config, problems = load({var.name: BAD_VALUES[var.parse.__name__]}, base_dir=BASE)
+    assert [(p.variable, p.check_id) for p in problems] == [(var.name, var.check_id)]
+    assert var.name in problems[0].message and problems[0].hint
+    assert config == load({}, base_dir=BASE)[0]
+
+
+@pytest.mark.parametrize(
+    "env, variable, check_id",
+    [
+        ({"CLIP_MAX_PARTS": "0"}, "CLIP_MAX_PARTS", "clipsite.E027"),
+        ({"PORT": "70000"}, "PORT", "clipsite.E007"),
+        ({"CLIP_REQUEST_TIMEOUT": "nan"}, "CLIP_REQUEST_TIMEOUT", "clipsite.E022"),
+        ({"CLIP_QUANTIZE": "int8", "CLIP_RUNTIME": "torch"}, "CLIP_QUANTIZE", "clipsite.E031"),
+        ({"CLIP_QUANTIZE": "int8", "CLIP_DEVICE": "cuda"}, "CLIP_QUANTIZE", "clipsite.E032"),
+        ({"CLIP_RUNTIME": "onnx", "CLIP_DEVICE": "cuda"}, "CLIP_RUNTIME", "clipsite.E033"),
+        ({"WEARABLE_PROMPT_TEMPLATES": " | "}, "WEARABLE_PROMPT_TEMPLATES", "wearable.E001"),
+        (
+            {"WEARABLE_PROMPT_TEMPLATES": "a photo of a {}.|a photo of clothing."},
+            "WEARABLE_PROMPT_TEMPLATES",
+            "wearable.E002",
+        ),
+    ],
+)
+def test_out_of_range_and_conflicting_values(env, variable, check_id):
+    _, problems = load(env, base_dir=BASE)
+    assert [(p.variable, p.check_id) for p in problems] == [(variable, check_id)]
+
+
+def test_values_are_parsed_and_derived_once():
+    config, problems = load(
+        {
+            "CLIP_MAX_PARTS": " 1_000 ",
+            "DJANGO_ALLOWED_HOSTS": "a.example, b.example",
+            "WEB_CONCURRENCY": "4",
+            "CLIP_RUNTIME": "TORCH",
+            "WEARABLE_PROMPT_TEMPLATES": "{}|a photo of a {}",
+            "LOG_LEVEL": "warning",
+        },
+        base_dir=BASE,
+    )
+    assert problems == []
+    assert config.limits.max_parts == 1000 and config.allowed_hosts == ("a.example", "b.example")
+    assert config.runtime.runtime == "torch" and config.log_level == "WARNING"
+    assert config.wearable.prompt_templates == ("{}", "a photo of a {}")
+    assert config.runtime.text_threads == max(1, config.server.cores // 4)
+    assert config.runtime.image_threads == config.server.cores
+
+
+def test_the_system_check_reports_each_problem_with_its_id(settings):
+    _, problems = load({"CLIP_MAX_BATCH": "many", "WEB_THREADS": "0"}, base_dir=BASE)
+    settings.CLIPSITE_PROBLEMS = problems
+    errors = [m for m in checks.run_checks() if m.id.startswith("clipsite.")]
+    assert sorted((e.id, e.obj) for e in errors) == [
+        ("clipsite.E009", "WEB_THREADS"),
+        ("clipsite.E018", "CLIP_MAX_BATCH"),
+    ]
+    assert all(e.hint for e in errors)
+
+
+def test_nothing_but_settings_reads_the_environment():
+    root = Path(__file__).resolve().parent.parent
+    readers = []
+    for path in (
+        list((root / "embeddings").rglob("*.py"))
+        + list((root / "wearable").rglob("*.py"))
+        + list((root / "clipsite").glob("*.py"))
+    ):
+        text = path.read_text()
+        if "os.environ" in text or "os.getenv" in text:
+            readers.append(path.relative_to(root).as_posix())
+    assert sorted(readers) == ["clipsite/settings.py", "clipsite/wsgi.py"]  # wsgi only sets HF_HUB_OFFLINE
