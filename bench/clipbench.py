@@ -460,6 +460,13 @@ def targets(report: dict) -> list[dict]:
     return rows
 
 
+def _backend(described) -> str:
+    """/readyz's backend per tower ({"image": "onnx/float32", ...}) in a few words."""
+    if isinstance(described, dict):
+        return ", ".join(f"{tower} {choice}" for tower, choice in described.items())
+    return str(described)
+
+
 def _mb(values: list[float]) -> str:
     return ", ".join(f"{m:.0f}" for m in values)
 
@@ -470,7 +477,7 @@ def markdown(report: dict) -> str:
         f"Machine: {report['machine']['cores']} cores ({report['machine']['cpu']}), "
         f"Python {report['machine']['python']}; "
         f"model: random-weight vit-b-32 (openai/clip-vit-base-patch32's architecture), float32 unless noted; "
-        f"server: the defaults for these cores (backend {server.get('backend')}).",
+        f"server: the defaults for these cores (backend {_backend(server.get('backend'))}).",
         "",
         f"Bare model ({bare['torch_threads']} torch threads): images {bare['image_b1_per_s']:.1f}/s at batch 1, "
         f"{bare['image_b16_per_s']:.1f}/s at batch 16; texts {bare['text_b32_per_s']:.1f}/s at batch 32 "
