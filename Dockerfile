@@ -1,4 +1,4 @@
-# clipsite: CPU image. The model named by CLIP_MODEL is fetched at container start into the
+# clipsite: CPU image. The model named by CLIP_MODEL is fetched and prepared at container start into the
 # /home/models/clip_models volume, unless it is already there.
 FROM python:3.11-slim-bookworm
 

@@ -1,1 +1,1 @@
-"""The CLIP runtime: loading a model, encoding images and texts, batching. Knows nothing of HTTP."""
+"""The CLIP runtime (knows nothing of HTTP): prepare a model, open its engine, embed images and texts."""

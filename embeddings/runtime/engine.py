@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from embeddings.runtime import coordination
 from embeddings.runtime.backends import Backend
 from embeddings.runtime.preprocessing import Preprocessing, Tokens
 
@@ -269,9 +270,12 @@ class Engine:
 
     def _compute(self, kind: str, batch: list[_Item]) -> np.ndarray:
         if kind == "image":
-            return self.backends["image"].image_features(np.stack([item.payload for item in batch]))
+            pixels = np.stack([item.payload for item in batch])
+            with coordination.busy():
+                return self.backends["image"].image_features(pixels)
         ids, mask = self.preprocessing.pad([item.payload for item in batch])
-        return self.backends["text"].text_features(ids, mask)
+        with coordination.busy():
+            return self.backends["text"].text_features(ids, mask)
 
     def _forward(self, kind: str, batch: list[_Item]) -> None:
         batch = [item for item in batch if not item.request.dropped]
