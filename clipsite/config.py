@@ -27,9 +27,12 @@ class Problem:
 @dataclass(frozen=True)
 class Limits:
     max_text_words: int
+    max_text_chars: int
     max_file_bytes: int
     max_request_bytes: int
+    max_json_bytes: int
     max_image_pixels: int
+    max_request_pixels: int  # decoded pixels of all a request's images together
     max_parts: int
     max_key_chars: int
 
@@ -200,6 +203,24 @@ VARIABLES: tuple[Var, ...] = (
         maximum=3600,
     ),
     Var("CLIP_MAX_TEXT_WORDS", 50, _int, "clipsite.E023", "Words per text, 1 to 10000.", minimum=1, maximum=10_000),
+    Var(
+        "CLIP_MAX_TEXT_CHARS",
+        2000,
+        _int,
+        "clipsite.E034",
+        "Characters per text, 1 to 1000000.",
+        minimum=1,
+        maximum=1_000_000,
+    ),
+    Var("CLIP_MAX_JSON_BYTES", 64 * 1024, _int, "clipsite.E035", "Bytes of a JSON body (feedback).", minimum=2),
+    Var(
+        "CLIP_MAX_REQUEST_PIXELS",
+        100_000_000,
+        _int,
+        "clipsite.E036",
+        "Decoded pixels of all a request's images together, at least 1.",
+        minimum=1,
+    ),
     Var("CLIP_MAX_FILE_BYTES", 20 * 1024 * 1024, _int, "clipsite.E024", "Bytes per file, at least 1.", minimum=1),
     Var("CLIP_MAX_REQUEST_BYTES", 100 * 1024 * 1024, _int, "clipsite.E025", "Bytes per request.", minimum=1),
     Var("CLIP_MAX_IMAGE_PIXELS", 50_000_000, _int, "clipsite.E026", "Pixels per image, at least 1.", minimum=1),
@@ -279,9 +300,12 @@ def load(environ: Mapping[str, str], *, base_dir: Path) -> tuple[Config, list[Pr
         server=ServerSettings(port=v["PORT"], workers=workers, threads=v["WEB_THREADS"], cores=cores),
         limits=Limits(
             max_text_words=v["CLIP_MAX_TEXT_WORDS"],
+            max_text_chars=v["CLIP_MAX_TEXT_CHARS"],
             max_file_bytes=v["CLIP_MAX_FILE_BYTES"],
             max_request_bytes=v["CLIP_MAX_REQUEST_BYTES"],
+            max_json_bytes=v["CLIP_MAX_JSON_BYTES"],
             max_image_pixels=v["CLIP_MAX_IMAGE_PIXELS"],
+            max_request_pixels=v["CLIP_MAX_REQUEST_PIXELS"],
             max_parts=v["CLIP_MAX_PARTS"],
             max_key_chars=v["CLIP_MAX_KEY_CHARS"],
         ),
@@ -307,6 +331,39 @@ def load(environ: Mapping[str, str], *, base_dir: Path) -> tuple[Config, list[Pr
         ),
     )
     return config, problems
+
+
+def kept_secret_key(path: Path) -> str | None:
+    """The per-install secret key kept in ``path``: made once (mode 0600, put in place atomically, so
+    workers starting together all read the one key), then read. None when it cannot be kept there."""
+    import secrets
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(50))
+            try:
+                os.link(tmp, path)  # fails if another process put its key first: that one is kept
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+        elif path.stat().st_mode & 0o077:
+            path.chmod(0o600)  # a key kept by an older version, readable by others
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+NO_SECRET_KEY = Problem(
+    "DJANGO_SECRET_KEY",
+    "DJANGO_SECRET_KEY is unset and var/secret_key cannot be written: each worker would sign with a key of its own",
+    "clipsite.E037",
+    "Set DJANGO_SECRET_KEY (a long random string), or make var/ writable so one key is kept there.",
+)
 
 
 def current() -> Config:

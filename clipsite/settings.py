@@ -12,25 +12,20 @@ from pathlib import Path
 
 import dj_database_url
 
-from clipsite.config import Problem, load
+from clipsite.config import NO_SECRET_KEY, Problem, kept_secret_key, load
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 CLIPSITE, CLIPSITE_PROBLEMS = load(os.environ, base_dir=BASE_DIR)
 
 DEBUG = CLIPSITE.debug
-SECRET_KEY = CLIPSITE.secret_key
+# An unset key gets a per-install random one kept beside the database, so sessions survive restarts
+# without a secret ever being committed. Where none can be kept, the start stops (clipsite.E037):
+# workers with keys of their own would refuse each other's sessions and CSRF tokens.
+SECRET_KEY = CLIPSITE.secret_key or kept_secret_key(BASE_DIR / "var" / "secret_key")
 if not SECRET_KEY:
-    # An unset key gets a per-install random one kept beside the database, so sessions survive
-    # restarts without a secret ever being committed.
-    _key_file = BASE_DIR / "var" / "secret_key"
-    try:
-        _key_file.parent.mkdir(parents=True, exist_ok=True)
-        if not _key_file.exists():
-            _key_file.write_text(secrets.token_urlsafe(50))
-        SECRET_KEY = _key_file.read_text().strip()
-    except OSError:
-        SECRET_KEY = secrets.token_urlsafe(50)
+    CLIPSITE_PROBLEMS.append(NO_SECRET_KEY)
+    SECRET_KEY = secrets.token_urlsafe(50)  # lets the checks run and report it
 
 ALLOWED_HOSTS = list(CLIPSITE.allowed_hosts)
 CSRF_TRUSTED_ORIGINS = list(CLIPSITE.csrf_trusted_origins)
@@ -91,9 +86,21 @@ except Exception:  # noqa: BLE001 - any parse failure is a configuration error
         )
     )
     DATABASES = {"default": dj_database_url.parse(_default_db)}
+# How long a query waits for another process's SQLite lock before it fails. Short: a held lock must
+# become a quick error the wearable answers from memory (its recorded prediction dropped), not a request
+# stalled for many seconds; with WAL only writers ever wait, and a write holds the lock for milliseconds.
+SQLITE_BUSY_TIMEOUT_S = 2
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    # Several worker processes share one SQLite file: wait for locks instead of failing.
-    DATABASES["default"].setdefault("OPTIONS", {}).update({"timeout": 20})
+    # Several worker processes share one SQLite file. WAL lets readers (the wearable's freshness query)
+    # go on while a writer holds the lock. IMMEDIATE takes the write lock at BEGIN, where the busy
+    # timeout applies; a deferred transaction that upgrades later fails at once instead of waiting.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {
+            "timeout": SQLITE_BUSY_TIMEOUT_S,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL",
+        }
+    )
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
 
@@ -136,8 +143,10 @@ REST_FRAMEWORK = {
     "UNAUTHENTICATED_USER": None,
 }
 
-# Django's own guards stay in front of ours for non-API forms (admin, demo page).
-DATA_UPLOAD_MAX_MEMORY_SIZE = CLIPSITE.limits.max_request_bytes
+# Django's own guards stay in front of ours for the non-API forms (admin, the demo page's no-script
+# forms): its default 2.5 MB for fields, the API's part limit for files. Every body's declared length
+# is refused over CLIP_MAX_REQUEST_BYTES before anything reads it (embeddings/middleware.py).
+DATA_UPLOAD_MAX_NUMBER_FILES = CLIPSITE.limits.max_parts
 FILE_UPLOAD_MAX_MEMORY_SIZE = 4 * 1024 * 1024
 
 LOGGING = {

@@ -109,6 +109,11 @@ class ImageTooLarge(TooLarge):
     default_detail = "The image has more pixels than the server will decode."
 
 
+class RequestTooManyPixels(TooLarge):
+    default_code = "too_many_pixels"
+    default_detail = "The request's images decode to more pixels together than the server allows."
+
+
 class TooManyParts(TooLarge):
     default_code = "too_many_parts"
 
@@ -293,3 +298,12 @@ class UnknownCategory(BadRequest):
 
 class InvalidFeedback(BadRequest):
     default_code = "invalid_feedback"
+
+
+class DatabaseUnavailable(ApiError):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_code = "database_unavailable"
+    default_detail = (
+        "The database is not answering and this server holds no category vectors yet; try again in a few seconds."
+    )
+    retry_after = 5

@@ -2,10 +2,13 @@
 
 Everything here treats the bytes as hostile. The order of the checks is the point of the module:
 
-1. identify the format from the header; formats outside ``SUPPORTED_FORMATS`` are refused before any
+1. for PNG, walk the chunks before Pillow sees them: at most ``MAX_PNG_CHUNKS``, each one's CRC
+   verified (Pillow skips image data's). Pillow's PNG opener is not header-only: its ``open`` walks
+   every chunk before the first IDAT and its ``load()`` every one after, in Python, so a file of
+   tiny chunks must be refused first;
+2. identify the format from the header; formats outside ``SUPPORTED_FORMATS`` are refused before any
    pixel is decoded (EPS, for one, would run Ghostscript on ``load()``);
-2. check the pixel count stated in the header against ``max_pixels`` (decompression bombs);
-3. for PNG, verify every chunk's CRC, which Pillow skips for image data;
+3. check the pixel count stated in the header against ``max_pixels`` (decompression bombs);
 4. optionally ask libjpeg for a reduced-scale decode, then decode once, fully;
 5. apply the EXIF orientation and convert whatever mode the file holds to RGB, compositing
    transparency on white exactly as transformers' ``convert_to_rgb`` does.
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from embeddings.errors import ApiError, ImageTooLarge, InvalidImage, UnsupportedImage
+from embeddings.errors import ApiError, ImageTooLarge, InvalidImage, RequestTooManyPixels, UnsupportedImage
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,12 @@ _OPENERS = tuple(sorted(SUPPORTED_FORMATS - {"MPO"}))
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_MAX_CHUNK_LENGTH = 2**31 - 1  # the PNG spec's limit
+# Pillow writes IDAT in 64 KB chunks and libpng in 8 KB ones: a PNG at the default 20 MiB upload
+# limit has about 320 or 2,560 chunks, plus a few of metadata (an APNG adds two per frame, so one
+# of over ~5,000 frames is refused too). 10,000 keeps that margin and bounds the chunk walks (ours,
+# then Pillow's, a few microseconds a chunk each) to milliseconds; a file past it is made of tiny
+# chunks, which encoders do not write and an attacker does.
+MAX_PNG_CHUNKS = 10_000
 # v * 255 / 65535 == v / 257, rounded; 257 is odd, so there are no ties.
 _SIXTEEN_TO_EIGHT = ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)
 _WHITE = (255, 255, 255, 255)
@@ -60,6 +69,7 @@ def decode_image(
     key: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft_min_side: int | None = None,
+    pixel_budget: int | None = None,
 ) -> DecodedImage:
     """Decode uploaded bytes into an upright RGB image, or raise an ``ApiError`` naming ``key``.
 
@@ -70,6 +80,9 @@ def decode_image(
 
     With ``draft_min_side``, a large JPEG is decoded by libjpeg at 1/2, 1/4 or 1/8 scale, keeping its
     shortest side >= 2 * draft_min_side. EXIF orientation is applied after that.
+
+    ``pixel_budget``: how many pixels the request may still decode; an image that would decode to more
+    (after the draft) is refused before decoding with ``RequestTooManyPixels`` (413).
 
     Raises ``InvalidImage`` (400) for bytes that are not a sound image, ``UnsupportedImage`` (415)
     for a format Pillow knows but we do not accept, ``TooLarge`` (413, code ``image_too_large``)
@@ -91,14 +104,20 @@ def decode_image(
         warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
+            if data.startswith(_PNG_SIGNATURE):  # only Pillow's PNG opener accepts these bytes
+                _check_png_chunks(data, key)
             with _open_supported(data, key) as im:
                 fmt = im.format
                 original_size = _stored_size(im)
                 _check_pixel_count(im.size, max_pixels, key)
-                if fmt == "PNG":
-                    _check_png_chunks(data, key)
                 if draft_min_side is not None and fmt in _JPEG_FORMATS:
                     _draft_jpeg(im, draft_min_side)
+                if pixel_budget is not None and im.size[0] * im.size[1] > pixel_budget:
+                    raise RequestTooManyPixels(
+                        f"This image decodes to {im.size[0]}x{im.size[1]} pixels, more than the "
+                        f"{max(pixel_budget, 0):,} the request has left: send fewer or smaller images per request.",
+                        key=key,
+                    )
                 im.load()
                 _apply_exif_orientation(im)
                 rgb = _to_rgb(im)
@@ -188,7 +207,8 @@ def _check_pixel_count(size: tuple[int, int], max_pixels: int, key: str | None) 
 
 
 def _check_png_chunks(data: bytes, key: str | None) -> None:
-    """Verify a PNG's chunk structure and every chunk's CRC; Pillow does not check IDAT's."""
+    """Verify a PNG's chunk structure and every chunk's CRC (Pillow does not check IDAT's), walking
+    at most ``MAX_PNG_CHUNKS`` chunks."""
     corrupt = InvalidImage("The PNG file is corrupt or truncated.", key=key)
     size = len(data)
     pos = len(_PNG_SIGNATURE)
@@ -196,7 +216,7 @@ def _check_png_chunks(data: bytes, key: str | None) -> None:
         if view[:pos] != _PNG_SIGNATURE:
             raise corrupt
         first = True
-        while True:
+        for _ in range(MAX_PNG_CHUNKS):
             if pos + 12 > size:
                 raise corrupt  # ran out of bytes before IEND
             length, chunk_type = struct.unpack_from(">I4s", data, pos)
@@ -211,6 +231,9 @@ def _check_png_chunks(data: bytes, key: str | None) -> None:
             if chunk_type == b"IEND":
                 return  # bytes after IEND are ignored, as every decoder does
             pos, first = end, False
+    # 400 rather than 413: the file is not large, and smaller pixels would not help; its structure is
+    # what no sound encoder writes.
+    raise InvalidImage(f"The PNG has more than {MAX_PNG_CHUNKS:,} chunks.", key=key)
 
 
 def _draft_jpeg(im: Image.Image, min_side: int) -> None:

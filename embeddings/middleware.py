@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 import uuid
 
+from django.http import HttpResponse, JsonResponse
+
+from embeddings import errors, multipart, views
 from embeddings.logs import current_request_id
 
 API_PREFIX = "/syte_test/"
@@ -23,8 +26,15 @@ def clean_request_id(value: str | None) -> str:
 
 
 class ApiEdgeMiddleware:
-    """Collapse a doubled leading slash (the original spec writes ``HOST:8081//syte_test/...``) and
-    give every API request its id, echoed in the ``request_id`` response header."""
+    """The edge of every request, before any other middleware:
+
+    - health probes are answered at once, whatever the Host header (a container's HEALTHCHECK calls
+      127.0.0.1 while DJANGO_ALLOWED_HOSTS names the public host);
+    - a doubled leading slash is collapsed (the original spec writes ``HOST:8081//syte_test/...``);
+    - every API request gets its id, echoed in the ``request_id`` response header and in its log lines;
+    - a body that declares more than CLIP_MAX_REQUEST_BYTES (on any path: the demo page's and the
+      admin's forms too) is refused before anything reads it.
+    """
 
     def __init__(self, get_response):
         self.get_response = get_response
@@ -33,10 +43,16 @@ class ApiEdgeMiddleware:
         if request.path_info.startswith("//"):
             request.path_info = "/" + request.path_info.lstrip("/")
             request.path = request.path_info
+        probe = _PROBES.get(request.path_info)
+        if probe is not None and request.method in ("GET", "HEAD"):
+            return _with_length(probe(request))
         if request.path_info.startswith(API_PREFIX):
             raw = next((request.META[h] for h in _REQUEST_ID_HEADERS if request.META.get(h)), None)
             request.request_id = clean_request_id(raw)
         request_id = getattr(request, "request_id", None)
+        refused = _refuse_oversized_body(request, request_id)
+        if refused is not None:
+            return refused
         token = current_request_id.set(request_id or "-")  # every log line of this request names it
         try:
             response = self.get_response(request)
@@ -45,3 +61,27 @@ class ApiEdgeMiddleware:
         if request_id and not response.has_header("request_id"):
             response["request_id"] = request_id
         return response
+
+
+def _refuse_oversized_body(request, request_id: str | None):
+    """A 413 (or 400 for an unreadable length) before the body is read, in the API's shape on its paths."""
+    if request.method not in ("POST", "PUT", "PATCH"):
+        return None
+    try:
+        multipart.check_declared_length(request.META)
+    except errors.ApiError as exc:
+        if request_id is not None:
+            response = JsonResponse(errors.error_body(request_id, exc.code, exc.message), status=exc.status_code)
+            response["request_id"] = request_id
+            return _with_length(response)
+        return _with_length(HttpResponse(exc.message, status=exc.status_code, content_type="text/plain; charset=utf-8"))
+    return None
+
+
+def _with_length(response):
+    """Answers made here skip the middleware that would add Content-Length (and spare clients chunking)."""
+    response["Content-Length"] = str(len(response.content))
+    return response
+
+
+_PROBES = {"/healthz": views.healthz, "/readyz": views.readyz}

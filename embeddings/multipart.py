@@ -29,6 +29,8 @@ from embeddings import errors
 _CHUNK = 64 * 1024
 # Fields an HTML form adds on its own (DRF's browsable page posts Django's CSRF token): not inputs.
 FORM_CONTROL_FIELDS = frozenset({"csrfmiddlewaretoken"})
+# Clients send no preamble (RFC 2046 lets it be ignored); a long one is only parsing work.
+MAX_PREAMBLE_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -72,15 +74,15 @@ def declared_length(meta) -> int | None:
         return None
 
 
-def check_declared_length(meta) -> None:
-    """Refuse a body whose declared length is over the request limit, before reading a byte of it."""
+def check_declared_length(meta, limit: int | None = None) -> None:
+    """Refuse a body whose declared length is over ``limit`` (default: the request limit), before reading
+    a byte of it."""
     length = declared_length(meta)
     if length is None:
         raise errors.InvalidContentLength()
-    if length > current().limits.max_request_bytes:
-        raise errors.RequestTooLarge(
-            f"The request body is {length} bytes; the limit is {current().limits.max_request_bytes} bytes."
-        )
+    limit = current().limits.max_request_bytes if limit is None else limit
+    if length > limit:
+        raise errors.RequestTooLarge(f"The request body is {length} bytes; the limit is {limit} bytes.")
 
 
 def read_form(stream, content_type: str, content_length: int | None) -> Form:
@@ -95,6 +97,9 @@ def read_form(stream, content_type: str, content_length: int | None) -> Form:
             f"The request body is {content_length} bytes; the limit is {lim.max_request_bytes} bytes."
         )
     form, seen, total, preamble, browser_form = Form(), set(), 0, 0, False
+    # Every delimiter counts, whatever its part turns out to be (skipped, empty, a form's own field):
+    # the limit bounds the parsing work, not only the parts kept. One form control field is allowed.
+    max_delimiters = lim.max_parts + len(FORM_CONTROL_FIELDS)
     lazy = LazyStream(ChunkIter(stream, _CHUNK))
     try:
         for index, (item_type, meta, part_stream) in enumerate(Parser(lazy, boundary.encode("ascii"))):
@@ -103,7 +108,14 @@ def read_form(stream, content_type: str, content_length: int | None) -> Form:
                     preamble += len(chunk)
                     total += len(chunk)
                     _check_total(total, lim.max_request_bytes)
+                    if preamble > MAX_PREAMBLE_BYTES:
+                        raise errors.MalformedMultipart(
+                            f"The body has over {MAX_PREAMBLE_BYTES} bytes before its first delimiter: it is not "
+                            "well-formed multipart/form-data (each delimiter is '--' followed by the boundary)."
+                        )
                 continue
+            if index > max_delimiters:
+                raise errors.TooManyParts(f"The request has more than {lim.max_parts} parts.")
             if item_type not in (FIELD, FILE):
                 continue  # a part without headers
             disposition = meta.get("content-disposition", ("", {}))[1]
@@ -134,7 +146,7 @@ def read_form(stream, content_type: str, content_length: int | None) -> Form:
             if key in seen:
                 raise errors.DuplicateKey(f"The key {key!r} is used by more than one part.", key=key)
             seen.add(key)
-            if len(form.parts) >= lim.max_parts:
+            if len(form.parts) >= lim.max_parts:  # the form control field's allowance is not for inputs
                 raise errors.TooManyParts(f"The request has more than {lim.max_parts} parts.")
             content_type_header = meta.get("content-type", (None, {}))[0]
             form.parts.append(Part(key, bytes(data), filename, content_type_header))

@@ -38,7 +38,13 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
 
 
 def text_of(part: Part) -> str:
-    """A text part's content, checked: valid UTF-8, not empty, not over the word limit."""
+    """A text part's content, checked: not over the character limit (refused before decoding when its
+    bytes alone say so), valid UTF-8, not empty, not over the word limit."""
+    limit = current().limits.max_text_chars
+    if len(part.data) > 4 * limit:  # UTF-8 takes at most 4 bytes a character
+        raise errors.TextTooLong(
+            f"Text part {part.key!r} has more than {limit} characters; the limit is {limit}.", key=part.key
+        )
     try:
         text = part.data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -46,23 +52,47 @@ def text_of(part: Part) -> str:
     return check_text(text, key=part.key)
 
 
-def image_of(part: Part, engine: Engine) -> DecodedImage:
-    """An image part decoded the one way every endpoint decodes it (same bytes, same vector)."""
+def image_of(part: Part, engine: Engine, *, pixel_budget: int | None = None) -> DecodedImage:
+    """An image part decoded the one way every endpoint decodes it (same bytes, same vector).
+
+    ``pixel_budget``: what is left of the request's decoded-pixel budget; an image that would decode to
+    more is refused from its header, before a pixel is decoded.
+    """
     return decode_image(
         part.data,
         key=part.key,
         max_pixels=current().limits.max_image_pixels,
         draft_min_side=engine.draft_min_side,
+        pixel_budget=pixel_budget,
     )
 
 
+def check_part_count(parts: list[Part]) -> None:
+    """The part limit for parts from any source (the multipart reader enforces it while reading)."""
+    limit = current().limits.max_parts
+    if len(parts) > limit:
+        raise errors.TooManyParts(f"The request has more than {limit} parts.")
+
+
 def encode_parts(parts: list[Part]) -> EncodedParts:
-    """Validate and embed every part; raises an ApiError naming the first part at fault."""
+    """Validate and embed every part; raises an ApiError naming the first part at fault.
+
+    Images are decoded, preprocessed to the model's input and let go one at a time, so a request holds
+    at most one decoded picture at once, and all its images together may decode to at most
+    ``CLIP_MAX_REQUEST_PIXELS``.
+    """
     if not parts:
         raise errors.EmptyRequest()
+    check_part_count(parts)
     engine = current_engine()
     texts = [(p.key, text_of(p)) for p in parts if not p.is_file]
-    images = [(p.key, image_of(p, engine).image) for p in parts if p.is_file]
+    budget = current().limits.max_request_pixels
+    images = []
+    for part in (p for p in parts if p.is_file):
+        decoded = image_of(part, engine, pixel_budget=budget)
+        budget -= decoded.image.width * decoded.image.height
+        images.append((part.key, engine.preprocess_image(decoded.image)))
+        del decoded
     out = engine.embed(images=[i for _, i in images], texts=[t for _, t in texts])
     return EncodedParts(
         texts_keys=[k for k, _ in texts],

@@ -44,10 +44,14 @@ class ClipApiView(APIView):
     # Read by DRF's browsable page only, to draw its HTML upload form; the views parse parts themselves.
     serializer_class = ImageUploadForm
 
+    def body_limit(self) -> int | None:
+        """The most bytes a body of this endpoint may declare (None: the request limit)."""
+        return None
+
     def initial(self, request, *args, **kwargs):
         # Every body, whatever its parser, is refused before it is read when it declares too many bytes.
         if request.method in ("POST", "PUT", "PATCH"):
-            check_declared_length(request.META)
+            check_declared_length(request.META, self.body_limit())
         super().initial(request, *args, **kwargs)
 
     def http_method_not_allowed(self, request, *args, **kwargs):

@@ -115,3 +115,30 @@ def test_nothing_but_settings_reads_the_environment():
         if "os.environ" in text or "os.getenv" in text:
             readers.append(path.relative_to(root).as_posix())
     assert sorted(readers) == ["clipsite/settings.py", "clipsite/wsgi.py"]  # wsgi only sets HF_HUB_OFFLINE
+
+
+def test_the_kept_secret_key_is_made_once_private_and_shared(tmp_path):
+    import os
+    import threading
+
+    from clipsite.config import kept_secret_key
+
+    path = tmp_path / "var" / "secret_key"
+    keys = []
+    threads = [threading.Thread(target=lambda: keys.append(kept_secret_key(path))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(keys)) == 1 and len(keys[0]) >= 50
+    assert (os.stat(path).st_mode & 0o777) == 0o600
+    assert sorted(p.name for p in path.parent.iterdir()) == ["secret_key"]  # no temporary file left
+
+
+def test_no_writable_place_for_the_key_is_a_configuration_error(tmp_path):
+    from clipsite.config import NO_SECRET_KEY, kept_secret_key
+
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    assert kept_secret_key(blocked / "secret_key") is None
+    assert NO_SECRET_KEY.check_id == "clipsite.E037" and "DJANGO_SECRET_KEY" in NO_SECRET_KEY.hint

@@ -185,11 +185,18 @@ class PredictionAdmin(admin.ModelAdmin):
         return response
 
 
+# A spreadsheet runs a cell starting with one of these as a formula (OWASP's CSV injection advice).
+_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _csv_cell(value):
     if value is None:
         return ""
     if isinstance(value, list | dict | bool):
-        return json.dumps(value, ensure_ascii=False)
+        return json.dumps(value, ensure_ascii=False)  # starts with [, {, t or f: never a formula
+    if isinstance(value, str) and value.startswith(_FORMULA_PREFIXES):
+        # Only text: a number such as -3.5 is no formula. The JSON Lines export keeps the raw text.
+        return "'" + value
     return value
 
 

@@ -3,7 +3,7 @@
 A category's text vector is CLIP's zero-shot recipe: the normalised mean of its prompts' normalised
 vectors. Those vectors live in the database per (category, model, prompt) and in each process's memory
 (``category_cache``); a request only checks that its memory is still current (one small query) and runs
-one image forward pass and one small matrix product.
+one image forward pass and one small matrix product. When the database fails, that memory answers.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
@@ -137,7 +137,22 @@ class CategoryCache:
         self._matrix: CategoryMatrix | None = None
 
     def matrix(self, engine: Engine) -> CategoryMatrix:
-        """The current matrix; raises NoCategories when no category is enabled."""
+        """The current matrix; raises NoCategories when no category is enabled.
+
+        When the database fails (locked past the busy timeout, unreachable), the matrix this process
+        already holds for ``engine`` answers, possibly stale; without one, DatabaseUnavailable (503).
+        """
+        try:
+            return self._current(engine)
+        except DatabaseError as exc:
+            cached = self._matrix
+            if cached is None or cached.model_name != engine.name:
+                logger.warning("Database unavailable and no category vectors in memory yet: %s", exc)
+                raise errors.DatabaseUnavailable() from exc
+            logger.warning("Database unavailable, answering from the category vectors in memory: %s", exc)
+            return cached
+
+    def _current(self, engine: Engine) -> CategoryMatrix:
         stamp, rows = _enabled_rows()
         if not rows:
             raise errors.NoCategories()
@@ -293,7 +308,7 @@ def wearable_predict(*, parts: list[Part], request_id: str, top_k: int | None = 
     decoded = image_of(part, engine)
     matrix = category_cache.matrix(engine)
     k = _top_k(top_k, len(matrix.names))
-    image_vector = l2_normalize(engine.embed_images([decoded.image]))[0]
+    image_vector = l2_normalize(engine.embed_images([engine.preprocess_image(decoded.image)]))[0]
     ranked = rank_categories(
         matrix=matrix,
         image_vector=image_vector,
@@ -302,14 +317,20 @@ def wearable_predict(*, parts: list[Part], request_id: str, top_k: int | None = 
         top_k=k,
     )
     top = [r["category"] for r in ranked]
-    Prediction.objects.create(
-        request_id=request_id,
-        model_name=engine.name,
-        top_categories=top,
-        scores=ranked,
-        image_sha256=hashlib.sha256(part.data).hexdigest(),
-        image=part.data if current().wearable.store_images else None,
-    )
+    try:
+        # One autocommit INSERT, as requests run (no ATOMIC_REQUESTS): when it fails nothing is left
+        # open, so the connection serves the next query as it is.
+        Prediction.objects.create(
+            request_id=request_id,
+            model_name=engine.name,
+            top_categories=top,
+            scores=ranked,
+            image_sha256=hashlib.sha256(part.data).hexdigest(),
+            image=part.data if current().wearable.store_images else None,
+        )
+    except DatabaseError as exc:
+        # The answer matters more than its record: feedback on this request_id will find no answer.
+        logger.warning("Prediction of request_id %r not recorded, the database failed: %s", request_id, exc)
     return {"request_id": request_id, "model": engine.name, "top_categories": top, "scores": ranked}
 
 

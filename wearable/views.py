@@ -7,6 +7,7 @@ import re
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
 
+from clipsite.config import current
 from embeddings import errors
 from embeddings.parsers import SafeJSONParser
 from embeddings.views import ClipApiView
@@ -62,6 +63,11 @@ class FeedbackView(ClipApiView):
 
     parser_classes = [SafeJSONParser, FormParser, MultiPartParser]
     serializer_class = None  # a JSON body: DRF's raw-data form fits it
+
+    def body_limit(self) -> int:
+        # A request id and a few names: refused before reading when it declares more (the upload limit is
+        # for images; parsing megabytes of JSON before checking its shape is pure cost).
+        return current().limits.max_json_bytes
 
     def post(self, request):
         request_id, categories = feedback_input(request.data)

@@ -163,16 +163,25 @@ class Engine:
         """Which backend and dtype serve each tower, e.g. {"image": "onnx/float32", ...}."""
         return {kind: f"{b.name}/{b.dtype}" for kind, b in self.backends.items()}
 
+    def preprocess_image(self, image: Image.Image) -> np.ndarray:
+        """An RGB PIL image as the model's (3, H, W) input: a caller may let the picture go right after."""
+        return self.preprocessing.image(image)
+
     def embed(
-        self, *, images: Sequence[Image.Image] = (), texts: Sequence[str] = (), timeout: float | None = None
+        self,
+        *,
+        images: Sequence[Image.Image | np.ndarray] = (),
+        texts: Sequence[str] = (),
+        timeout: float | None = None,
     ) -> Embedded:
-        """Vectors of ``images`` (RGB PIL images) and ``texts``, computed together; blocks until done.
+        """Vectors of ``images`` (RGB PIL images, or arrays from ``preprocess_image``) and ``texts``,
+        computed together; blocks until done.
 
         Raises QueueFull (admission), DeadlineExceeded (``timeout``, default the engine's), InferenceFailed
         or EngineStopped.
         """
         tokens = self.preprocessing.tokenize(texts) if texts else []
-        pixels = [self.preprocessing.image(image) for image in images]
+        pixels = [i if isinstance(i, np.ndarray) else self.preprocess_image(i) for i in images]
         return self._run(pixels, tokens, timeout)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:

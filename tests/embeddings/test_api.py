@@ -404,3 +404,13 @@ def test_every_documented_error_code_is_one_row_of_the_error_table():
     for code in ("not_ready", "overloaded", "timeout"):
         assert rows[code].retry_after and rows[code].status_code in (503, 504)
     assert rows["file_too_large"].status_code == 413 and rows["file_too_large"]().code == "file_too_large"
+
+
+def test_health_probes_answer_whatever_the_host_header(client, clip, settings):
+    """The container's HEALTHCHECK calls 127.0.0.1 while DJANGO_ALLOWED_HOSTS names the public host."""
+    settings.ALLOWED_HOSTS = ["clip.example.com"]
+    assert client.get("/healthz", HTTP_HOST="127.0.0.1:8081").status_code == 200
+    ready = client.get("/readyz", HTTP_HOST="127.0.0.1:8081")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    assert client.get("/", HTTP_HOST="127.0.0.1:8081").status_code == 400  # everything else still checks
+    assert client.get("/healthz", HTTP_HOST="clip.example.com").status_code == 200

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import (
     EpsImagePlugin,
+    GifImagePlugin,
     IcoImagePlugin,
     Image,
     ImageDraw,
@@ -25,7 +26,7 @@ from PIL import (
 from transformers.image_transforms import convert_to_rgb
 
 from embeddings.errors import ApiError, ImageTooLarge, InvalidImage, TooLarge, UnsupportedImage
-from embeddings.images import SUPPORTED_FORMATS, DecodedImage, _to_rgb, decode_image
+from embeddings.images import MAX_PNG_CHUNKS, SUPPORTED_FORMATS, DecodedImage, _to_rgb, decode_image
 from tests.conftest import gradient_image, image_bytes
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -146,6 +147,52 @@ def test_animated_and_multi_frame_images_decode_their_first_frame(fmt, save_args
     assert decoded.image.size == (24, 16)
     red = np.array([255, 0, 0])
     assert np.abs(pixels(decoded.image) - red).max() <= 3  # MPO frames are JPEG
+
+
+def gif_frame_ends(data: bytes) -> list[int]:
+    """The offset just past each frame's image data, walking the GIF's blocks."""
+    pos, ends = 13, []
+    if data[10] & 0x80:  # global colour table
+        pos += 3 << ((data[10] & 0x07) + 1)
+    while data[pos] != 0x3B:  # trailer
+        image = data[pos] == 0x2C
+        if image:  # image descriptor, optional local colour table, LZW minimum code size
+            flags = data[pos + 9]
+            pos += 10 + (3 << ((flags & 0x07) + 1) if flags & 0x80 else 0) + 1
+        else:  # extension: introducer and label
+            pos += 2
+        while data[pos]:  # data sub-blocks up to their terminator
+            pos += data[pos] + 1
+        pos += 1
+        if image:
+            ends.append(pos)
+    return ends
+
+
+def test_a_200_frame_gif_decodes_frame_0_and_never_reads_the_later_frames(monkeypatch):
+    colours = [(i, 255 - i, (7 * i) % 256) for i in range(200)]
+    first, *rest = frames(*colours)
+    data = image_bytes(first, "GIF", save_all=True, append_images=rest, duration=40, loop=0)
+    with Image.open(io.BytesIO(data)) as opened:
+        assert opened.n_frames == 200
+    seeks = []
+
+    def recording(original):
+        def seek(self, frame, *args, **kwargs):
+            seeks.append(frame)
+            return original(self, frame, *args, **kwargs)
+
+        return seek
+
+    for name in ("seek", "_seek"):
+        monkeypatch.setattr(GifImagePlugin.GifImageFile, name, recording(getattr(GifImagePlugin.GifImageFile, name)))
+    decoded = decode_image(data)
+    assert pixels(decoded.image).reshape(-1, 3).tolist() == [list(colours[0])] * (24 * 16)
+    assert set(seeks) == {0}
+    # Cut after frame 0, without even a trailer: nothing past frame 0 is needed.
+    truncated = data[: gif_frame_ends(data)[0]]
+    assert len(truncated) < len(data) // 50
+    assert np.array_equal(pixels(decode_image(truncated).image), pixels(decoded.image))
 
 
 # --- modes ---------------------------------------------------------------------------------------
@@ -433,6 +480,55 @@ def test_png_with_broken_chunk_structure_is_invalid_image():
 def test_png_with_bytes_after_iend_still_decodes():
     data = image_bytes(gradient_image(16, 16), "PNG") + b"trailing junk"
     assert decode_image(data).image.size == (16, 16)
+
+
+def png_with_chunks(count: int, *, before_idat: bool = True) -> bytes:
+    """An 8x8 grey PNG of exactly ``count`` chunks, padded with empty private ``prVt`` chunks."""
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0))
+    image = png_chunk(b"IDAT", zlib.compress(png_rows(np.full((8, 8), 77, np.uint8))))
+    padding = png_chunk(b"prVt", b"") * (count - 3)
+    body = header + padding + image if before_idat else header + image + padding
+    return b"\x89PNG\r\n\x1a\n" + body + png_chunk(b"IEND", b"")
+
+
+def png_chunk_count(data: bytes) -> int:
+    pos, count = 8, 0
+    while pos < len(data):
+        (length,) = struct.unpack_from(">I", data, pos)
+        pos, count = pos + 12 + length, count + 1
+    return count
+
+
+def test_pngs_pillow_writes_stay_far_below_the_chunk_limit():
+    noise = np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), np.uint8)
+    data = image_bytes(Image.fromarray(noise), "PNG")  # noise does not compress: IDAT after 64 KB IDAT
+    chunks = png_chunk_count(data)
+    assert len(data) > 3_000_000 and chunks > 40
+    assert chunks * (20_000_000 // len(data) + 1) * 10 < MAX_PNG_CHUNKS  # a 20 MB one: 10x below
+
+
+@pytest.mark.parametrize("before_idat", [True, False], ids=["before-idat", "after-idat"])
+def test_png_of_300000_tiny_chunks_is_refused_at_the_chunk_limit(monkeypatch, before_idat):
+    data = png_with_chunks(300_000, before_idat=before_idat)
+    assert len(data) < 20_000_000
+    crcs = []
+    crc32 = zlib.crc32
+
+    def counting_crc32(*args):
+        crcs.append(1)
+        return crc32(*args)
+
+    monkeypatch.setattr(zlib, "crc32", counting_crc32)  # counts ours and Pillow's
+    error = assert_invalid(data)
+    assert error.message == f"The PNG has more than {MAX_PNG_CHUNKS:,} chunks."
+    assert len(crcs) <= MAX_PNG_CHUNKS  # refused at the limit, not after walking 300,000 chunks
+
+
+def test_png_at_the_chunk_limit_decodes_and_one_over_is_refused():
+    decoded = decode_image(png_with_chunks(MAX_PNG_CHUNKS))
+    assert pixels(decoded.image).reshape(-1).tolist() == [77] * (8 * 8 * 3)
+    assert png_chunk_count(png_with_chunks(MAX_PNG_CHUNKS)) == MAX_PNG_CHUNKS
+    assert "chunks" in assert_invalid(png_with_chunks(MAX_PNG_CHUNKS + 1)).message
 
 
 def test_error_message_does_not_echo_pillow():

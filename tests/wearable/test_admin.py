@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import override, photo_bytes
 from tests.wearable.conftest import FEEDBACK, post_wearable
+from wearable.admin import _csv_cell
 from wearable.models import Category, CategoryEmbedding, Prediction
 
 pytestmark = pytest.mark.django_db
@@ -241,3 +242,38 @@ def test_export_as_json_lines_with_feedback(admin_client, answered):
     assert by_id["wrong-1"]["scores"] == answered["wrong-1"]["scores"]
     assert by_id["wrong-1"]["answer_was_wrong"] is True and len(by_id["wrong-1"]["feedback"]) == 1
     assert by_id["none-1"]["feedback"] == [] and by_id["none-1"]["answer_was_wrong"] is None
+
+
+FORMULA = '=HYPERLINK("http://evil","x")'
+
+
+def test_csv_export_neutralises_formulas_and_json_lines_keeps_the_raw_ids(admin_client, client, clip, jpeg):
+    for rid in (FORMULA, "-1", "@SUM(A1)", "+1"):
+        assert post_wearable(client, jpeg, headers={"request_id": rid}).status_code == 200
+    reader = csv.reader(io.StringIO(_export(admin_client, "export_csv").content.decode()))
+    header, *rows = list(reader)
+    by_id = {row[header.index("request_id")]: dict(zip(header, row, strict=True)) for row in rows}
+    assert set(by_id) == {"'" + FORMULA, "'-1", "'@SUM(A1)", "'+1"}
+    scores = by_id["'" + FORMULA]["scores"]  # JSON text, whose numbers may be negative, stays as it is
+    assert scores.startswith("[") and json.loads(scores) == Prediction.objects.get(request_id=FORMULA).scores
+    records = [json.loads(line) for line in _export(admin_client, "export_jsonl").content.decode().splitlines()]
+    assert {r["request_id"] for r in records} == {FORMULA, "-1", "@SUM(A1)", "+1"}
+
+
+@pytest.mark.parametrize(
+    ("value", "cell"),
+    [
+        ("=1+1", "'=1+1"),
+        ("-1", "'-1"),
+        ("\tcmd", "'\tcmd"),
+        ("\r=1", "'\r=1"),
+        ("a=1", "a=1"),
+        (-3.5, -3.5),  # a number is no formula
+        (["-1"], '["-1"]'),
+        ({"score": -1}, '{"score": -1}'),
+        (True, "true"),
+        (None, ""),
+    ],
+)
+def test_csv_cells_starting_like_a_formula_are_quoted_and_numbers_and_json_are_not(value, cell):
+    assert _csv_cell(value) == cell

@@ -344,14 +344,21 @@ def test_doubled_slash_reaches_the_wearable_view(client, clip, jpeg):
 
 def test_a_large_jpeg_gets_the_same_vector_from_both_endpoints(client, clip, monkeypatch):
     """One upload, one decoding (libjpeg's draft included) and one vector, whichever endpoint it reaches."""
+    from embeddings import services
+
     photo = Image.open(io.BytesIO(photo_bytes("astronaut.jpg"))).convert("RGB")
     data = image_bytes(photo.resize((2000, 1500), Image.Resampling.BICUBIC), "JPEG", quality=90)
-    seen = []
-    embed = clip.embed
+    decoded_sizes, inputs = [], []
+    decode, embed = services.decode_image, clip.embed
+    monkeypatch.setattr(
+        services, "decode_image", lambda *a, **k: decoded_sizes.append(decode(*a, **k).image.size) or decode(*a, **k)
+    )
 
     def recording(*, images=(), texts=(), timeout=None):
         out = embed(images=images, texts=texts, timeout=timeout)
-        seen.extend((np.asarray(image).copy(), vector.copy()) for image, vector in zip(images, out.images, strict=True))
+        inputs.extend(
+            (np.asarray(image).copy(), vector.copy()) for image, vector in zip(images, out.images, strict=True)
+        )
         return out
 
     monkeypatch.setattr(clip, "embed", recording)
@@ -359,9 +366,9 @@ def test_a_large_jpeg_gets_the_same_vector_from_both_endpoints(client, clip, mon
     body, content_type = multipart_body([("image", data, "big.jpg")])
     response = client.generic("POST", "/syte_test/embeddings", body, content_type=content_type)
     assert response.status_code == 200
-    (wearable_pixels, wearable_vector), (embeddings_pixels, embeddings_vector) = seen
-    assert wearable_pixels.shape == embeddings_pixels.shape and min(wearable_pixels.shape[:2]) < 1500  # drafted
-    assert np.array_equal(wearable_pixels, embeddings_pixels)  # the same decoded picture
+    assert decoded_sizes == [(500, 375), (500, 375)]  # drafted by libjpeg to 1/4, on both endpoints
+    (wearable_pixels, wearable_vector), (embeddings_pixels, embeddings_vector) = inputs
+    assert np.array_equal(wearable_pixels, embeddings_pixels)  # the same model input
     assert_same_vectors(wearable_vector, embeddings_vector)
     served = np.array(response.json()["images_vectors"][0])
     assert float(cosines(served, wearable_vector)[0]) >= 0.99999
