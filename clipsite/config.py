@@ -10,6 +10,7 @@ environment; code reads ``current()``, a frozen view that tests replace through 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,7 @@ class RuntimeSettings:
     max_queue: int  # items waiting per worker
     max_queue_pixels: int  # image pixels waiting per worker
     request_timeout_s: float  # a request's deadline inside the engine
+    forward_timeout_s: float  # a forward running longer is a hung backend: the worker is replaced
 
 
 @dataclass(frozen=True)
@@ -70,17 +72,35 @@ class WearableSettings:
 
 
 @dataclass(frozen=True)
+class AccessSettings:
+    require_api_key: bool  # every API endpoint wants a key (health and metrics stay open)
+    rate_limit: str  # "60/min": requests per key, or per client address without one; "" is none
+    rate_limit_dir: Path  # the rate limits' counts, shared by every worker process of this machine
+
+
+@dataclass(frozen=True)
+class ObservabilitySettings:
+    log_format: str  # plain or json (one JSON object a line)
+    log_counters_s: int  # seconds between each worker's counters line; 0: none
+    metrics: bool  # serve /metrics
+
+
+@dataclass(frozen=True)
 class Config:
     debug: bool
     secret_key: str
     allowed_hosts: tuple[str, ...]
     csrf_trusted_origins: tuple[str, ...]
+    https: bool  # reached over HTTPS through a proxy (X-Forwarded-Proto)
+    hsts_seconds: int
     database_url: str
     log_level: str
     server: ServerSettings
     limits: Limits
     runtime: RuntimeSettings
     wearable: WearableSettings
+    access: AccessSettings
+    observability: ObservabilitySettings
 
 
 # --- parsing -----------------------------------------------------------------------------------------
@@ -134,6 +154,17 @@ def _str(raw: str, var: Var) -> str:
     return raw
 
 
+_RATE = re.compile(r"^(\d{1,9})/(s|sec|second|m|min|minute|h|hour|d|day)$")
+
+
+def _rate(raw: str, var: Var) -> str:
+    """DRF's rate format, e.g. 60/min: a whole number of requests per second, minute, hour or day."""
+    match = _RATE.match(raw.replace(" ", "").lower())
+    if match is None or int(match.group(1)) < 1:
+        raise _Invalid(f"{var.name}={raw!r} is not a rate such as 60/min (per s, min, hour or day)")
+    return f"{int(match.group(1))}/{match.group(2)}"
+
+
 def _list(raw: str, var: Var) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(var.separator) if item.strip())
 
@@ -162,6 +193,22 @@ VARIABLES: tuple[Var, ...] = (
     Var("DJANGO_SECRET_KEY", "", _str, "clipsite.E002", "A long random string; unset keeps one in var/secret_key."),
     Var("DJANGO_ALLOWED_HOSTS", ("*",), _list, "clipsite.E003", "Comma-separated host names."),
     Var("DJANGO_CSRF_TRUSTED_ORIGINS", (), _list, "clipsite.E004", "Comma-separated origins (https://host)."),
+    Var(
+        "DJANGO_HTTPS",
+        False,
+        _bool,
+        "clipsite.E050",
+        "true behind a TLS proxy that sets X-Forwarded-Proto: secure cookies, HSTS, redirects to https.",
+    ),
+    Var(
+        "DJANGO_HSTS_SECONDS",
+        31_536_000,
+        _int,
+        "clipsite.E051",
+        "Seconds browsers keep to https (with DJANGO_HTTPS), 0 to 63072000.",
+        minimum=0,
+        maximum=63_072_000,
+    ),
     Var("DATABASE_URL", "", _str, "clipsite.E005", "A URL dj-database-url reads, e.g. postgres://u:p@host/db."),
     Var(
         "LOG_LEVEL",
@@ -171,6 +218,17 @@ VARIABLES: tuple[Var, ...] = (
         "One of debug, info, warning, error, critical.",
         choices=("debug", "info", "warning", "error", "critical"),
     ),
+    Var("LOG_FORMAT", "plain", _choice, "clipsite.E043", "plain or json.", choices=("plain", "json")),
+    Var(
+        "CLIP_LOG_COUNTERS_S",
+        60,
+        _int,
+        "clipsite.E044",
+        "Seconds between counters lines, 0 (none) to 86400.",
+        minimum=0,
+        maximum=86_400,
+    ),
+    Var("CLIP_METRICS", True, _bool, "clipsite.E045", "true serves /metrics (Prometheus), false answers it 404."),
     Var("PORT", 8081, _int, "clipsite.E007", "A TCP port from 1 to 65535.", minimum=1, maximum=65535),
     Var("WEB_CONCURRENCY", None, _int, "clipsite.E008", "Worker processes, 1 to 64.", minimum=1, maximum=64),
     Var("WEB_THREADS", 8, _int, "clipsite.E009", "Request threads per worker, 1 to 256.", minimum=1, maximum=256),
@@ -184,7 +242,7 @@ VARIABLES: tuple[Var, ...] = (
     Var("CLIP_SOLO_THREADS", 0, _int, "clipsite.E017", "0 (every core) or 1 to 256.", minimum=0, maximum=256),
     Var("CLIP_MAX_BATCH", 32, _int, "clipsite.E018", "Items per forward, 1 to 1024.", minimum=1, maximum=1024),
     Var("CLIP_MAX_WAIT_MS", 2, _int, "clipsite.E019", "Milliseconds, 0 to 10000.", minimum=0, maximum=10_000),
-    Var("CLIP_MAX_QUEUE", 1024, _int, "clipsite.E020", "Items, 1 to 1000000.", minimum=1, maximum=1_000_000),
+    Var("CLIP_MAX_QUEUE", 256, _int, "clipsite.E020", "Items, 1 to 1000000.", minimum=1, maximum=1_000_000),
     Var(
         "CLIP_MAX_QUEUE_PIXELS",
         50_000_000,
@@ -200,6 +258,15 @@ VARIABLES: tuple[Var, ...] = (
         "clipsite.E022",
         "Seconds a request may wait for the model, 0.1 to 3600.",
         minimum=0.1,
+        maximum=3600,
+    ),
+    Var(
+        "CLIP_FORWARD_TIMEOUT",
+        120.0,
+        _float,
+        "clipsite.E052",
+        "Seconds one forward may run before the worker is declared hung and replaced, 1 to 3600.",
+        minimum=1,
         maximum=3600,
     ),
     Var("CLIP_MAX_TEXT_WORDS", 50, _int, "clipsite.E023", "Words per text, 1 to 10000.", minimum=1, maximum=10_000),
@@ -233,6 +300,21 @@ VARIABLES: tuple[Var, ...] = (
         "wearable.E001",
         'Give at least one template, e.g. "a photo of a {}." (templates are separated by |).',
         separator="|",
+    ),
+    Var(
+        "CLIP_REQUIRE_API_KEY",
+        False,
+        _bool,
+        "clipsite.E040",
+        "true: every API endpoint answers 401 without a valid key (create one in admin or with create_api_key).",
+    ),
+    Var("CLIP_RATE_LIMIT", "", _rate, "clipsite.E041", "A rate such as 60/min, per key (or per address without one)."),
+    Var(
+        "CLIP_RATE_LIMIT_DIR",
+        "",
+        _str,
+        "clipsite.E042",
+        "A folder every worker can write (default var/cache/throttle).",
     ),
     Var("WEARABLE_TOP_K", 3, _int, "clipsite.E029", "Categories per answer, 1 to 1000.", minimum=1, maximum=1000),
     Var("WEARABLE_STORE_IMAGES", False, _bool, "clipsite.E030", "true keeps uploaded images with each answer."),
@@ -295,6 +377,8 @@ def load(environ: Mapping[str, str], *, base_dir: Path) -> tuple[Config, list[Pr
         secret_key=v["DJANGO_SECRET_KEY"],
         allowed_hosts=tuple(v["DJANGO_ALLOWED_HOSTS"]),
         csrf_trusted_origins=tuple(v["DJANGO_CSRF_TRUSTED_ORIGINS"]),
+        https=v["DJANGO_HTTPS"],
+        hsts_seconds=v["DJANGO_HSTS_SECONDS"],
         database_url=v["DATABASE_URL"] or f"sqlite:///{base_dir / 'var' / 'db.sqlite3'}",
         log_level=v["LOG_LEVEL"].upper(),
         server=ServerSettings(port=v["PORT"], workers=workers, threads=v["WEB_THREADS"], cores=cores),
@@ -323,11 +407,22 @@ def load(environ: Mapping[str, str], *, base_dir: Path) -> tuple[Config, list[Pr
             max_queue=v["CLIP_MAX_QUEUE"],
             max_queue_pixels=v["CLIP_MAX_QUEUE_PIXELS"],
             request_timeout_s=float(v["CLIP_REQUEST_TIMEOUT"]),
+            forward_timeout_s=float(v["CLIP_FORWARD_TIMEOUT"]),
         ),
         wearable=WearableSettings(
             prompt_templates=tuple(v["WEARABLE_PROMPT_TEMPLATES"]),
             top_k=v["WEARABLE_TOP_K"],
             store_images=v["WEARABLE_STORE_IMAGES"],
+        ),
+        access=AccessSettings(
+            require_api_key=v["CLIP_REQUIRE_API_KEY"],
+            rate_limit=v["CLIP_RATE_LIMIT"],
+            rate_limit_dir=Path(v["CLIP_RATE_LIMIT_DIR"] or base_dir / "var" / "cache" / "throttle"),
+        ),
+        observability=ObservabilitySettings(
+            log_format=v["LOG_FORMAT"],
+            log_counters_s=v["CLIP_LOG_COUNTERS_S"],
+            metrics=v["CLIP_METRICS"],
         ),
     )
     return config, problems

@@ -17,6 +17,7 @@ from django.templatetags.static import static
 from django.urls import path
 from django.views.decorators.http import require_GET, require_http_methods
 
+from access.authentication import demo_token
 from clipsite.config import current
 from embeddings import errors
 from embeddings.multipart import Part, check_declared_length
@@ -145,12 +146,18 @@ def compare_result(request) -> dict:
 PANELS = {"wearable": wearable_result, "compare": compare_result}
 
 
+def _staff(request) -> bool:
+    user = getattr(request, "user", None)
+    return bool(user is not None and user.is_authenticated and user.is_active and user.is_staff)
+
+
 @require_http_methods(["GET", "POST"])
 def index(request):
     """The demo page; a POST is its forms sent without JavaScript."""
     context = {
         "model": model_status(),
         "config": {
+            "demoToken": demo_token(request.user) if _staff(request) else None,
             "embeddingsUrl": EMBEDDINGS_URL,
             "wearableUrl": WEARABLE_URL,
             "maxFileBytes": current().limits.max_file_bytes,
@@ -161,6 +168,10 @@ def index(request):
         "wearable_url": WEARABLE_URL,
     }
     status = 200
+    context["keys_required"] = current().access.require_api_key
+    if request.method == "POST" and context["keys_required"] and not _staff(request):
+        context["form_error"] = "This server wants an API key: log in to the admin as staff to use this page."
+        return render(request, "demo/index.html", context, status=401)
     if request.method == "POST":
         panel = request.POST.get("panel")
         handler = PANELS.get(panel)

@@ -1,7 +1,18 @@
 """gunicorn configuration: values come from clipsite.settings, the one place the environment is read."""
 
-from clipsite.settings import CLIPSITE as _config
-from embeddings.runtime import coordination
+import os
+import shutil
+import tempfile
+
+# Prometheus' multiprocess mode: every worker writes its metrics into files in one fresh folder, which
+# /metrics sums whichever worker answers (embeddings/metrics.py). prometheus_client reads the variable
+# when it is first imported, so the master sets it here, before anything imports it and before any worker
+# is forked: process setup, not configuration, and the only place it is set.
+_metrics_dir = tempfile.mkdtemp(prefix="clipsite-metrics-")
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+
+from clipsite.settings import CLIPSITE as _config  # noqa: E402
+from embeddings.runtime import coordination  # noqa: E402
 
 bind = f"0.0.0.0:{_config.server.port}"
 wsgi_app = "clipsite.wsgi:application"
@@ -11,8 +22,14 @@ threads = _config.server.threads
 timeout = 120
 graceful_timeout = 30
 keepalive = 5
-# The original spec's header is literally "request_id"; gunicorn drops underscored headers by default.
-header_map = "dangerous"
+# The original spec's header is literally "request_id", and gunicorn refuses or drops every header
+# with an underscore (X_Forwarded_For would otherwise merge into X-Forwarded-For). Drop them all but
+# REQUEST_ID: gunicorn keeps the "forwarder" headers it is told to, from any peer here, and no other
+# header is trusted from peers (no scheme headers: Django's SECURE_PROXY_SSL_HEADER decides https).
+header_map = "drop"
+forwarder_headers = "REQUEST_ID"
+forwarded_allow_ips = "*"
+secure_scheme_headers = {}
 accesslog = "-"
 errorlog = "-"
 # One copy of the model per worker process: never preload it in the master.
@@ -29,4 +46,11 @@ def post_fork(server, worker):
 
 
 def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
     coordination.clear_slot(worker.age)
+    multiprocess.mark_process_dead(worker.pid)  # its live gauges (queue depth) leave the sums
+
+
+def on_exit(server):
+    shutil.rmtree(_metrics_dir, ignore_errors=True)

@@ -29,6 +29,15 @@ if not SECRET_KEY:
 
 ALLOWED_HOSTS = list(CLIPSITE.allowed_hosts)
 CSRF_TRUSTED_ORIGINS = list(CLIPSITE.csrf_trusted_origins)
+if CLIPSITE.https:
+    # Behind a TLS proxy (README, "Running in production"): it says https in X-Forwarded-Proto, and
+    # plain-HTTP requests are redirected; the health probes are answered before the redirect.
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+    SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = CLIPSITE.hsts_seconds
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True  # consent only: nothing happens until the domain's owner submits it
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -39,8 +48,11 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's files, served from here: the docs page needs no CDN
     "embeddings.apps.EmbeddingsConfig",
     "wearable.apps.WearableConfig",
+    "access.apps.AccessConfig",
 ]
 
 MIDDLEWARE = [
@@ -106,6 +118,17 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
+# Rate limits (CLIP_RATE_LIMIT) count in a cache every worker process shares: files under var/, so the
+# API never waits on the database for them.
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    "throttle": {
+        "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+        "LOCATION": str(CLIPSITE.access.rate_limit_dir),
+        "OPTIONS": {"MAX_ENTRIES": 100_000},
+    },
+}
+
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -141,6 +164,26 @@ REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
     "UNAUTHENTICATED_USER": None,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+
+# The OpenAPI schema at /api/schema/ and its Swagger UI at /api/docs/ (embeddings/schema.py describes
+# the answers and errors); the UI's scripts and styles are static files of this server, never a CDN's.
+SPECTACULAR_SETTINGS = {
+    "TITLE": "clipsite",
+    "DESCRIPTION": "CLIP vectors of images and texts, their similarities, and wearable categories of a photo.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "PREPROCESSING_HOOKS": ["embeddings.schema.documented_endpoints"],
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "embeddings.schema.describe_errors"],
+    # The demo page's own token is not for API clients.
+    "AUTHENTICATION_WHITELIST": ["access.authentication.ApiKeyAuthentication"],
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "ENUM_NAME_OVERRIDES": {"ErrorCodeEnum": "embeddings.schema.ERROR_CODES"},
+    "ENUM_GENERATE_CHOICE_DESCRIPTION": False,
+    "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},  # no call to swagger.io's validator
 }
 
 # Django's own guards stay in front of ours for the non-API forms (admin, the demo page's no-script
@@ -154,7 +197,8 @@ LOGGING = {
     "disable_existing_loggers": False,
     # Every line names the request it belongs to ("-" outside a request): see embeddings/logs.py.
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(process)d] [%(request_id)s] %(message)s"}
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(process)d] [%(request_id)s] %(message)s"},
+        "json": {"()": "embeddings.logs.JsonFormatter"},  # LOG_FORMAT=json: one JSON object a line
     },
     "filters": {
         "not_probes": {"()": "embeddings.logs.NotAProbe"},
@@ -163,7 +207,7 @@ LOGGING = {
     "handlers": {
         "console": {
             "class": "logging.StreamHandler",
-            "formatter": "plain",
+            "formatter": CLIPSITE.observability.log_format,
             "filters": ["request_id", "not_probes"],
         },
     },

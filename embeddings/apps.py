@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 from django.apps import AppConfig
@@ -22,7 +23,8 @@ class EmbeddingsConfig(AppConfig):
 
     @staticmethod
     def warm_up() -> None:
-        """Start loading the model in the background, once per process (a server's start calls this).
+        """Start loading the model in the background, and the counters' log line, once per process (a
+        server's start calls this).
 
         Idempotent, and never touches the database or the network: it loads what ``prepare_model``
         made. A model that cannot be loaded (or is not prepared) ends the process with a non-zero
@@ -40,4 +42,13 @@ class EmbeddingsConfig(AppConfig):
             sys.stderr.flush()
             os._exit(EXIT_MODEL_LOAD_FAILED)
 
-        runtime.start(settings, on_failure=die)
+        def leave(problem: str) -> None:
+            # gunicorn's graceful exit: this worker stops taking requests, answers what it holds (all
+            # failed at once with 503 by now) and exits; the master starts a fresh one.
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        runtime.start(settings, on_failure=die, on_unhealthy=leave)
+        # Only server processes get here (tests run without warm-up): the counters' daemon thread.
+        from embeddings.logs import start_counters_log
+
+        start_counters_log(current().observability.log_counters_s)

@@ -144,6 +144,26 @@ class MethodNotAllowed(ApiError):
     default_code = "method_not_allowed"
 
 
+class NotAuthenticated(ApiError):
+    """DRF raises its own NotAuthenticated / AuthenticationFailed; they answer with this row's code."""
+
+    status_code = status.HTTP_401_UNAUTHORIZED
+    default_code = "not_authenticated"
+    default_detail = "Send a valid API key: Authorization: Bearer KEY, or X-API-Key: KEY."
+
+
+class PermissionDenied(ApiError):
+    status_code = status.HTTP_403_FORBIDDEN
+    default_code = "permission_denied"
+
+
+class Throttled(ApiError):
+    """DRF's Throttled answers with this row's code, and Retry-After from its wait."""
+
+    status_code = status.HTTP_429_TOO_MANY_REQUESTS
+    default_code = "throttled"
+
+
 class NotAcceptable(ApiError):
     status_code = status.HTTP_406_NOT_ACCEPTABLE
     default_code = "not_acceptable"
@@ -183,10 +203,10 @@ _DRF_CODES = {
     drf_exceptions.UnsupportedMediaType: "unsupported_media_type",
     drf_exceptions.ParseError: "malformed_request",
     drf_exceptions.NotFound: "not_found",
-    drf_exceptions.PermissionDenied: "permission_denied",
-    drf_exceptions.NotAuthenticated: "not_authenticated",
-    drf_exceptions.AuthenticationFailed: "not_authenticated",
-    drf_exceptions.Throttled: "throttled",
+    drf_exceptions.PermissionDenied: PermissionDenied.default_code,
+    drf_exceptions.NotAuthenticated: NotAuthenticated.default_code,
+    drf_exceptions.AuthenticationFailed: NotAuthenticated.default_code,
+    drf_exceptions.Throttled: Throttled.default_code,
 }
 
 
@@ -219,12 +239,15 @@ def api_exception_handler(exc: Exception, context: dict) -> Response:
             headers["Allow"] = ", ".join(allowed)
         wait = getattr(exc, "wait", None)
         if wait:
-            headers["Retry-After"] = str(max(1, int(wait)))
+            headers["Retry-After"] = str(max(1, int(-(-wait // 1))))
+        if getattr(exc, "auth_header", None):  # set by DRF on 401s: how to authenticate
+            headers["WWW-Authenticate"] = exc.auth_header
     else:
         logger.exception("Unhandled error in %s", context.get("view").__class__.__name__)
         error = InternalError()
         status_code, code, message, key = error.status_code, error.code, error.message, None
     response = Response(error_body(request_id, code, message, key), status=status_code, headers=headers)
+    response.error_code = code  # what the edge middleware counts the rejection under
     if request_id:
         response["request_id"] = request_id
     return response

@@ -1,14 +1,18 @@
-"""Request edges: the original spec's doubled leading slash, and the request id of API calls."""
+"""Request edges: the original spec's doubled leading slash, the request id of API calls, and each
+request's line in the log and its metrics."""
 
 from __future__ import annotations
 
 import re
+import time
 import uuid
 
+from django.conf import settings
 from django.http import HttpResponse, JsonResponse
+from django.urls import Resolver404, resolve
 
-from embeddings import errors, multipart, views
-from embeddings.logs import current_request_id
+from embeddings import errors, metrics, multipart, views
+from embeddings.logs import RequestStats, current_request_id, current_request_stats, log_request
 
 API_PREFIX = "/syte_test/"
 _PRINTABLE = re.compile(r"^[\x20-\x7e]{1,128}$")
@@ -28,12 +32,14 @@ def clean_request_id(value: str | None) -> str:
 class ApiEdgeMiddleware:
     """The edge of every request, before any other middleware:
 
-    - health probes are answered at once, whatever the Host header (a container's HEALTHCHECK calls
-      127.0.0.1 while DJANGO_ALLOWED_HOSTS names the public host);
+    - health probes and /metrics are answered at once, whatever the Host header (a container's
+      HEALTHCHECK calls 127.0.0.1, and Prometheus scrapes a worker's address, while DJANGO_ALLOWED_HOSTS
+      names the public host); they are neither logged nor counted;
     - a doubled leading slash is collapsed (the original spec writes ``HOST:8081//syte_test/...``);
     - every API request gets its id, echoed in the ``request_id`` response header and in its log lines;
     - a body that declares more than CLIP_MAX_REQUEST_BYTES (on any path: the demo page's and the
-      admin's forms too) is refused before anything reads it.
+      admin's forms too) is refused before anything reads it;
+    - every other request is counted (by route, status and error code), timed, and has one log line.
     """
 
     def __init__(self, get_response):
@@ -46,21 +52,59 @@ class ApiEdgeMiddleware:
         probe = _PROBES.get(request.path_info)
         if probe is not None and request.method in ("GET", "HEAD"):
             return _with_length(probe(request))
+        started = time.perf_counter()
         if request.path_info.startswith(API_PREFIX):
             raw = next((request.META[h] for h in _REQUEST_ID_HEADERS if request.META.get(h)), None)
             request.request_id = clean_request_id(raw)
         request_id = getattr(request, "request_id", None)
-        refused = _refuse_oversized_body(request, request_id)
-        if refused is not None:
-            return refused
-        token = current_request_id.set(request_id or "-")  # every log line of this request names it
-        try:
-            response = self.get_response(request)
-        finally:
-            current_request_id.reset(token)
-        if request_id and not response.has_header("request_id"):
-            response["request_id"] = request_id
+        stats = RequestStats()
+        response = _refuse_oversized_body(request, request_id)
+        if response is None:
+            token = current_request_id.set(request_id or "-")  # every log line of this request names it
+            stats_token = current_request_stats.set(stats)  # the services note its items and batches
+            try:
+                response = self.get_response(request)
+            finally:
+                current_request_stats.reset(stats_token)
+                current_request_id.reset(token)
+            if request_id and not response.has_header("request_id"):
+                response["request_id"] = request_id
+        _record(request, response, request_id, stats, time.perf_counter() - started)
         return response
+
+
+def _record(request, response, request_id: str | None, stats: RequestStats, seconds: float) -> None:
+    """Count, time and log one answered request."""
+    endpoint, status = endpoint_of(request), response.status_code
+    metrics.REQUESTS.labels(endpoint, str(status)).inc()
+    metrics.REQUEST_SECONDS.labels(endpoint).observe(seconds)
+    if status >= 400:
+        # The API's errors carry their code; other 4xx/5xx (Django's own pages) count by status.
+        metrics.REJECTIONS.labels(getattr(response, "error_code", None) or f"http_{status}").inc()
+    log_request(
+        request_id=request_id or "-",
+        method=request.method,
+        endpoint=endpoint,
+        status=status,
+        latency_ms=1000 * seconds,
+        stats=stats,
+    )
+
+
+def endpoint_of(request) -> str:
+    """The route that served ``request`` (``/syte_test/embeddings``), never its raw path: a bounded label."""
+    match = getattr(request, "resolver_match", None)
+    if match is None:
+        if request.path_info.startswith("/" + settings.STATIC_URL.lstrip("/")):
+            return "/" + settings.STATIC_URL.lstrip("/") + "*"  # whitenoise answers before any route
+        try:
+            match = resolve(request.path_info)
+        except Resolver404:
+            return "unmatched"
+    route = match.route
+    if route.startswith("^"):  # a regular expression: the API's fallback, ^syte_test/
+        route = route.strip("^$") + "*"
+    return "/" + route
 
 
 def _refuse_oversized_body(request, request_id: str | None):
@@ -73,8 +117,10 @@ def _refuse_oversized_body(request, request_id: str | None):
         if request_id is not None:
             response = JsonResponse(errors.error_body(request_id, exc.code, exc.message), status=exc.status_code)
             response["request_id"] = request_id
-            return _with_length(response)
-        return _with_length(HttpResponse(exc.message, status=exc.status_code, content_type="text/plain; charset=utf-8"))
+        else:
+            response = HttpResponse(exc.message, status=exc.status_code, content_type="text/plain; charset=utf-8")
+        response.error_code = exc.code
+        return _with_length(response)
     return None
 
 
@@ -84,4 +130,4 @@ def _with_length(response):
     return response
 
 
-_PROBES = {"/healthz": views.healthz, "/readyz": views.readyz}
+_PROBES = {"/healthz": views.healthz, "/readyz": views.readyz, "/metrics": views.metrics_view}

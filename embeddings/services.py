@@ -10,6 +10,7 @@ import numpy as np
 from clipsite.config import current
 from embeddings import errors
 from embeddings.images import DecodedImage, decode_image
+from embeddings.logs import note_embedded
 from embeddings.multipart import Part
 from embeddings.runtime.engine import Engine
 from embeddings.runtime.state import runtime
@@ -74,7 +75,7 @@ def check_part_count(parts: list[Part]) -> None:
         raise errors.TooManyParts(f"The request has more than {limit} parts.")
 
 
-def encode_parts(parts: list[Part]) -> EncodedParts:
+def encode_parts(parts: list[Part], *, client: str = "") -> EncodedParts:
     """Validate and embed every part; raises an ApiError naming the first part at fault.
 
     Images are decoded, preprocessed to the model's input and let go one at a time, so a request holds
@@ -93,7 +94,8 @@ def encode_parts(parts: list[Part]) -> EncodedParts:
         budget -= decoded.image.width * decoded.image.height
         images.append((part.key, engine.preprocess_image(decoded.image)))
         del decoded
-    out = engine.embed(images=[i for _, i in images], texts=[t for _, t in texts])
+    out = engine.embed(images=[i for _, i in images], texts=[t for _, t in texts], client=client)
+    note_embedded(images=len(images), texts=len(texts), batches=out.batches)
     return EncodedParts(
         texts_keys=[k for k, _ in texts],
         images_keys=[k for k, _ in images],
@@ -136,9 +138,11 @@ def vector_out(vector: np.ndarray, encoding: str):
     return vector
 
 
-def embeddings_compute(*, parts: list[Part], request_id: str, normalize: bool = True, encoding: str = "float") -> dict:
+def embeddings_compute(
+    *, parts: list[Part], request_id: str, normalize: bool = True, encoding: str = "float", client: str = ""
+) -> dict:
     """The whole answer of ``POST /syte_test/embeddings`` for already-parsed parts."""
-    encoded = encode_parts(parts)
+    encoded = encode_parts(parts, client=client)
     texts = l2_normalize(encoded.texts_raw) if normalize else encoded.texts_raw
     images = l2_normalize(encoded.images_raw) if normalize else encoded.images_raw
     texts_out = [vector_out(v, encoding) for v in texts]

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from django.http import JsonResponse
+from django.http import HttpResponse, HttpResponseNotFound, JsonResponse
+from django.views.decorators.http import require_safe
 from rest_framework.renderers import BrowsableAPIRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from embeddings import errors, services
+from access.authentication import ApiKeyAuthentication, ClientRateThrottle, DemoPageAuthentication, RequireApiKey
+from clipsite.config import current
+from embeddings import errors, metrics, services
 from embeddings.multipart import ClipMultiPartParser, check_declared_length
 from embeddings.renderers import FastJSONRenderer
 from embeddings.runtime.state import runtime
+from embeddings.schema import embeddings_schema
 from embeddings.serializers import EmbeddingsForm, ImageUploadForm
 
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -40,7 +44,10 @@ class ClipApiView(APIView):
 
     parser_classes = [ClipMultiPartParser]
     renderer_classes = [FastJSONRenderer, BrowsableAPIRenderer]
-    authentication_classes = []  # a public API: no session, so no CSRF check on API clients
+    # Keys (and the demo page's staff token), never the session: so no CSRF check on API clients.
+    authentication_classes = [ApiKeyAuthentication, DemoPageAuthentication]
+    permission_classes = [RequireApiKey]
+    throttle_classes = [ClientRateThrottle]
     # Read by DRF's browsable page only, to draw its HTML upload form; the views parse parts themselves.
     serializer_class = ImageUploadForm
 
@@ -64,7 +71,14 @@ class ClipApiView(APIView):
         data = request.data
         return list(getattr(data, "parts", []))
 
+    def client_of(self, request) -> str:
+        """Who asks, for the engine's fair share: the API key, else the client's address."""
+        user = getattr(request, "user", None)
+        key_id = getattr(user, "key_id", None)
+        return f"key-{key_id}" if key_id is not None else f"addr-{request.META.get('REMOTE_ADDR', '')}"
 
+
+@embeddings_schema
 class EmbeddingsView(ClipApiView):
     """Embed any mix of images (file parts) and texts (plain fields), keyed as sent."""
 
@@ -74,7 +88,11 @@ class EmbeddingsView(ClipApiView):
         normalize = bool_param(request, "normalize", True)
         encoding = choice_param(request, "encoding", "float", services.ENCODINGS)
         body = services.embeddings_compute(
-            parts=self.form_parts(request), request_id=request.request_id, normalize=normalize, encoding=encoding
+            parts=self.form_parts(request),
+            request_id=request.request_id,
+            normalize=normalize,
+            encoding=encoding,
+            client=self.client_of(request),
         )
         return Response(body)
 
@@ -106,4 +124,15 @@ def readyz(request):
 def api_not_found(request, *args, **kwargs):
     request_id = getattr(request, "request_id", None)
     body = errors.error_body(request_id, "not_found", errors.NotFound.default_detail)
-    return JsonResponse(body, status=404)
+    response = JsonResponse(body, status=404)
+    response.error_code = "not_found"
+    return response
+
+
+@require_safe
+def metrics_view(request):
+    """Prometheus' text format, summed over the workers; 404 with CLIP_METRICS=false."""
+    if not current().observability.metrics:
+        return HttpResponseNotFound("Not Found", content_type="text/plain; charset=utf-8")
+    body, content_type = metrics.exposition()
+    return HttpResponse(body, content_type=content_type)

@@ -114,7 +114,8 @@ def test_nothing_but_settings_reads_the_environment():
         text = path.read_text()
         if "os.environ" in text or "os.getenv" in text:
             readers.append(path.relative_to(root).as_posix())
-    assert sorted(readers) == ["clipsite/settings.py", "clipsite/wsgi.py"]  # wsgi only sets HF_HUB_OFFLINE
+    # wsgi.py only sets HF_HUB_OFFLINE, gunicorn.conf.py only PROMETHEUS_MULTIPROC_DIR, for the workers.
+    assert sorted(readers) == ["clipsite/gunicorn.conf.py", "clipsite/settings.py", "clipsite/wsgi.py"]
 
 
 def test_the_kept_secret_key_is_made_once_private_and_shared(tmp_path):
@@ -142,3 +143,31 @@ def test_no_writable_place_for_the_key_is_a_configuration_error(tmp_path):
     blocked.write_text("not a folder")
     assert kept_secret_key(blocked / "secret_key") is None
     assert NO_SECRET_KEY.check_id == "clipsite.E037" and "DJANGO_SECRET_KEY" in NO_SECRET_KEY.hint
+
+
+def test_check_deploy_is_clean_with_the_production_settings(tmp_path):
+    """What README's "Running in production" sets: a key, the public host, HTTPS through a proxy."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "clipsite.settings",
+        "DJANGO_SECRET_KEY": "k" * 20 + "-a-long-random-production-key-" + "x" * 30,
+        "DJANGO_ALLOWED_HOSTS": "clip.example.com",
+        "DJANGO_CSRF_TRUSTED_ORIGINS": "https://clip.example.com",
+        "DJANGO_HTTPS": "true",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+    }
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout

@@ -20,7 +20,8 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from clipsite.config import current
-from embeddings import errors
+from embeddings import errors, metrics
+from embeddings.logs import note_embedded
 from embeddings.multipart import Part
 from embeddings.runtime.engine import Engine
 from embeddings.runtime.state import runtime
@@ -150,6 +151,7 @@ class CategoryCache:
                 logger.warning("Database unavailable and no category vectors in memory yet: %s", exc)
                 raise errors.DatabaseUnavailable() from exc
             logger.warning("Database unavailable, answering from the category vectors in memory: %s", exc)
+            metrics.CATEGORY_CACHE.labels("stale").inc()
             return cached
 
     def _current(self, engine: Engine) -> CategoryMatrix:
@@ -158,11 +160,14 @@ class CategoryCache:
             raise errors.NoCategories()
         cached = self._matrix
         if cached is not None and cached.model_name == engine.name and cached.stamp == stamp:
+            metrics.CATEGORY_CACHE.labels("hit").inc()
             return cached
         with self._lock:
             cached = self._matrix
             if cached is not None and cached.model_name == engine.name and cached.stamp == stamp:
+                metrics.CATEGORY_CACHE.labels("hit").inc()  # another thread rebuilt it while this one waited
                 return cached
+            metrics.CATEGORY_CACHE.labels("miss").inc()
             vectors = category_embeddings_ensure(engine=engine, categories=rows)
             cached = CategoryMatrix(
                 model_name=engine.name,
@@ -301,14 +306,16 @@ def rank_categories(
     ]
 
 
-def wearable_predict(*, parts: list[Part], request_id: str, top_k: int | None = None) -> dict:
+def wearable_predict(*, parts: list[Part], request_id: str, top_k: int | None = None, client: str = "") -> dict:
     """The whole answer of ``POST /syte_test/wearable``: rank the enabled categories, record the answer."""
     part = single_image(parts)
     engine = current_engine()
     decoded = image_of(part, engine)
     matrix = category_cache.matrix(engine)
     k = _top_k(top_k, len(matrix.names))
-    image_vector = l2_normalize(engine.embed_images([engine.preprocess_image(decoded.image)]))[0]
+    out = engine.embed(images=[engine.preprocess_image(decoded.image)], client=client)
+    note_embedded(images=1, texts=0, batches=out.batches)
+    image_vector = l2_normalize(out.images)[0]
     ranked = rank_categories(
         matrix=matrix,
         image_vector=image_vector,

@@ -12,6 +12,7 @@ from embeddings import errors
 from embeddings.parsers import SafeJSONParser
 from embeddings.views import ClipApiView
 from wearable import services
+from wearable.schema import feedback_schema, wearable_schema
 
 _WHOLE_NUMBER = re.compile(r"^\s*\d{1,9}\s*$")
 _MAX_FEEDBACK_CATEGORIES = 1000
@@ -27,12 +28,15 @@ def int_param(request, name: str) -> int | None:
     return int(raw)
 
 
+@wearable_schema
 class WearableView(ClipApiView):
     """The top wearable categories CLIP sees in one uploaded photo."""
 
     def post(self, request):
         top_k = int_param(request, "top_k")
-        body = services.wearable_predict(parts=self.form_parts(request), request_id=request.request_id, top_k=top_k)
+        body = services.wearable_predict(
+            parts=self.form_parts(request), request_id=request.request_id, top_k=top_k, client=self.client_of(request)
+        )
         return Response(body)
 
 
@@ -58,6 +62,7 @@ def feedback_input(data) -> tuple[str, list[str]]:
     return request_id.strip(), categories
 
 
+@feedback_schema
 class FeedbackView(ClipApiView):
     """The categories a user says are right for an earlier wearable answer."""
 

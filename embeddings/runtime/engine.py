@@ -11,22 +11,26 @@ It owns everything between a request and the backends:
   request's images and texts are queued together, in one step.
 - failures: a batch that fails is split in halves until the item at fault fails alone, so a bad item
   fails only its own request.
+- visibility: each forward gets the next batch id (``Embedded.batches`` lists a request's), and its
+  size, kind and the queue's depth go to embeddings/metrics.py.
 Nothing else in the project batches, and nothing here knows HTTP.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
 import time
-from collections import deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
+from embeddings import metrics
 from embeddings.runtime import coordination
 from embeddings.runtime.backends import Backend
 from embeddings.runtime.preprocessing import Preprocessing, Tokens
@@ -78,6 +82,7 @@ class Embedded:
     images: np.ndarray  # (n_images, dim) float32 raw projections, in the order given
     texts: np.ndarray  # (n_texts, dim)
     truncated: list[bool]  # per text: cut to the model's context
+    batches: list[int] = field(default_factory=list)  # the ids of the batches its items ran in, in order
 
 
 class _Request:
@@ -89,6 +94,7 @@ class _Request:
         self.deadline = deadline
         self.error: Exception | None = None
         self.done = threading.Event()
+        self.batches: list[int] = []  # filled by the inference thread only
 
     @property
     def dropped(self) -> bool:
@@ -114,6 +120,7 @@ class _Item:
     payload: object  # (3, H, W) pixels or Tokens
     pixels: int
     queued_at: float = field(default_factory=time.monotonic)
+    client: str = ""
 
 
 class Engine:
@@ -132,13 +139,21 @@ class Engine:
         self.preprocessing = preprocessing
         self.info = info
         self.settings = settings or EngineSettings()
-        self._queues: dict[str, deque[_Item]] = {kind: deque() for kind in KINDS}
+        # Per kind, one queue per client (in the order they are served, round robin), so one client's
+        # large requests neither take every slot (admission caps a client at half the queue) nor make
+        # everyone else's items wait behind all of theirs.
+        self._queues: dict[str, OrderedDict[str, deque[_Item]]] = {kind: OrderedDict() for kind in KINDS}
+        self._queued_by_client: Counter[str] = Counter()
+        self._forward_started: float | None = None
         self._cond = threading.Condition()
         self._queued_items = 0
         self._queued_pixels = 0
+        self._in_flight: set[_Request] = set()
         self._stopped = False
         self.batches_run = dict.fromkeys(KINDS, 0)
         self.items_run = dict.fromkeys(KINDS, 0)
+        # Each forward that succeeds gets the next id; a request's answer lists the ids its items rode in.
+        self._batch_ids = itertools.count(1)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -173,16 +188,18 @@ class Engine:
         images: Sequence[Image.Image | np.ndarray] = (),
         texts: Sequence[str] = (),
         timeout: float | None = None,
+        client: str = "",
     ) -> Embedded:
         """Vectors of ``images`` (RGB PIL images, or arrays from ``preprocess_image``) and ``texts``,
-        computed together; blocks until done.
+        computed together; blocks until done. ``client`` names who asks (a key, an address): each client
+        gets a fair share of the queue.
 
         Raises QueueFull (admission), DeadlineExceeded (``timeout``, default the engine's), InferenceFailed
         or EngineStopped.
         """
         tokens = self.preprocessing.tokenize(texts) if texts else []
         pixels = [i if isinstance(i, np.ndarray) else self.preprocess_image(i) for i in images]
-        return self._run(pixels, tokens, timeout)
+        return self._run(pixels, tokens, timeout, client)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         return self.embed(texts=texts).texts
@@ -209,8 +226,29 @@ class Engine:
     def running(self) -> bool:
         return self._thread.is_alive()
 
+    def stalled(self, limit_s: float) -> bool:
+        """Whether the forward in flight has run longer than ``limit_s`` (a hung backend)."""
+        started = self._forward_started
+        return started is not None and time.monotonic() - started > limit_s
+
+    def abort(self, reason: str) -> None:
+        """Fail every request waiting, queued or in flight, at once, and refuse new ones: the worker is
+        going away (a dead inference thread, a hung forward). The backends are not waited for."""
+        error = EngineStopped(reason)
+        with self._cond:
+            self._stopped = True
+            for queues in self._queues.values():
+                for queue in queues.values():
+                    for item in queue:
+                        item.request.fail(error)
+                queues.clear()
+            self._queued_by_client.clear()
+            for request in list(self._in_flight):
+                request.fail(error)
+            self._cond.notify_all()
+
     # --- admission and waiting ---------------------------------------------------------------
-    def _run(self, pixels: list[np.ndarray], tokens: list[Tokens], timeout: float | None) -> Embedded:
+    def _run(self, pixels: list[np.ndarray], tokens: list[Tokens], timeout: float | None, client: str = "") -> Embedded:
         timeout = self.settings.timeout_s if timeout is None else timeout
         request = _Request({"image": len(pixels), "text": len(tokens)}, self.dim, time.monotonic() + timeout)
         items = [_Item(request, i, p, int(p.shape[-1] * p.shape[-2])) for i, p in enumerate(pixels)]
@@ -222,28 +260,62 @@ class Engine:
                     raise EngineStopped("the engine is closed")
                 if self._queued_items + request.pending > self.settings.max_queue:
                     raise QueueFull(f"{self._queued_items} items already waiting")
+                if self._queued_by_client[client] + request.pending > self.client_share:
+                    raise QueueFull(f"this client has {self._queued_by_client[client]} items waiting already")
                 if new_pixels and self._queued_pixels + new_pixels > self.settings.max_queue_pixels:
                     raise QueueFull(f"{self._queued_pixels} image pixels already waiting")
-                self._queues["image"].extend(items)
-                self._queues["text"].extend(text_items)
+                for kind, kind_items in (("image", items), ("text", text_items)):
+                    if kind_items:
+                        self._queues[kind].setdefault(client, deque()).extend(kind_items)
+                for item in items + text_items:
+                    item.client = client
+                self._queued_by_client[client] += request.pending
                 self._queued_items += request.pending
                 self._queued_pixels += new_pixels
+                self._publish_depth()
                 self._cond.notify_all()
             if not request.done.wait(max(0.0, request.deadline - time.monotonic())):
                 raise DeadlineExceeded(f"no answer within {timeout:g} s")
         if request.error is not None:
             raise request.error
-        return Embedded(request.rows["image"], request.rows["text"], [t.truncated for t in tokens])
+        return Embedded(
+            request.rows["image"], request.rows["text"], [t.truncated for t in tokens], sorted(request.batches)
+        )
+
+    @property
+    def client_share(self) -> int:
+        """The most items one client may have waiting: half the queue, so others always find room."""
+        return max(1, self.settings.max_queue // 2)
 
     # --- the inference thread ----------------------------------------------------------------
     def _take(self, kind: str, batch: list[_Item]) -> None:
-        queue = self._queues[kind]
-        while queue and len(batch) < self.settings.max_batch:
+        """Up to the batch's room from ``kind``'s queues, one item from each client in turn."""
+        queues = self._queues[kind]
+        while queues and len(batch) < self.settings.max_batch:
+            client, queue = next(iter(queues.items()))
             item = queue.popleft()
+            if queue:
+                queues.move_to_end(client)
+            else:
+                del queues[client]
             self._queued_items -= 1
             self._queued_pixels -= item.pixels
+            self._queued_by_client[client] -= 1
+            if self._queued_by_client[client] <= 0:
+                del self._queued_by_client[client]
             if not item.request.dropped:
                 batch.append(item)
+        self._publish_depth()
+
+    def _depth(self, kind: str) -> int:
+        return sum(len(q) for q in self._queues[kind].values())
+
+    def _oldest(self, kind: str) -> float:
+        return min((q[0].queued_at for q in self._queues[kind].values()), default=math.inf)
+
+    def _publish_depth(self) -> None:
+        for kind in self._queues:
+            metrics.QUEUE_DEPTH.labels(kind).set(self._depth(kind))
 
     def _next_batch(self) -> tuple[str, list[_Item]] | None:
         with self._cond:
@@ -252,7 +324,7 @@ class Engine:
                     self._cond.wait()
                 if self._stopped:
                     return None
-                kind = min((q[0].queued_at, k) for k, q in self._queues.items() if q)[1]
+                kind = min(KINDS, key=self._oldest)
                 batch: list[_Item] = []
                 self._take(kind, batch)
                 deadline = time.monotonic() + self.settings.max_wait_ms / 1000.0
@@ -272,10 +344,13 @@ class Engine:
                 break
             self._forward(*taken)
         with self._cond:  # closed: whoever still waits is told, not left hanging
-            for queue in self._queues.values():
-                for item in queue:
-                    item.request.fail(EngineStopped("the engine was closed"))
-                queue.clear()
+            for queues in self._queues.values():
+                for queue in queues.values():
+                    for item in queue:
+                        item.request.fail(EngineStopped("the engine was closed"))
+                queues.clear()
+            self._queued_by_client.clear()
+            self._publish_depth()
 
     def _compute(self, kind: str, batch: list[_Item]) -> np.ndarray:
         if kind == "image":
@@ -290,9 +365,13 @@ class Engine:
         batch = [item for item in batch if not item.request.dropped]
         if not batch:
             return
+        started = time.perf_counter()
+        self._in_flight = {item.request for item in batch}
+        self._forward_started = time.monotonic()
         try:
             rows = self._compute(kind, batch)
         except Exception:  # noqa: BLE001 - find the item at fault: a bad item fails only its own request
+            self._forward_started = None
             if len(batch) == 1:
                 logger.exception("Inference failed for one %s item", kind)
                 batch[0].request.fail(InferenceFailed("inference failed"))
@@ -301,7 +380,18 @@ class Engine:
             self._forward(kind, batch[:half])
             self._forward(kind, batch[half:])
             return
+        self._forward_started = None
+        self._in_flight = set()
+        batch_id = next(self._batch_ids)
         self.batches_run[kind] += 1
         self.items_run[kind] += len(batch)
+        metrics.BATCH_SIZE.labels(kind).observe(len(batch))
+        metrics.ITEMS.labels(kind).inc(len(batch))
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "batch %d: %d %s items in %.1f ms", batch_id, len(batch), kind, 1000 * (time.perf_counter() - started)
+            )
         for item, row in zip(batch, rows, strict=True):
+            if batch_id not in item.request.batches:  # before fill: the caller reads them once done
+                item.request.batches.append(batch_id)
             item.request.fill(kind, item.index, row)

@@ -8,6 +8,7 @@ import threading
 import time
 
 from clipsite.config import RuntimeSettings
+from embeddings import metrics
 from embeddings.runtime.backends import open_backend
 from embeddings.runtime.engine import Engine, EngineSettings, ModelInfo
 from embeddings.runtime.loading import load_model, load_processor, resolve_device, resolve_model_source
@@ -103,13 +104,42 @@ class Runtime:
 
     def engine(self) -> Engine:
         engine = self._engine
-        if engine is None:
+        if engine is None or self.status != "ready":
             raise RuntimeNotReady(self.error or self.status)
         return engine
 
     @property
     def ready(self) -> bool:
-        return self._engine is not None
+        return self._engine is not None and self.status == "ready"
+
+    # --- liveness --------------------------------------------------------------------------------
+    def health_problem(self) -> str | None:
+        """What makes this process unfit to serve, if anything: a dead inference thread, a hung forward."""
+        engine, settings = self._engine, self.settings
+        if engine is None or settings is None or self.status != "ready":
+            return None
+        if not engine.running:
+            return "the inference thread died"
+        if engine.stalled(settings.forward_timeout_s):
+            return f"a forward has run for over {settings.forward_timeout_s:g} s (CLIP_FORWARD_TIMEOUT)"
+        return None
+
+    def watch_once(self, on_unhealthy) -> bool:
+        """One look by the watchdog. Unhealthy: /readyz fails, every waiting request gets 503 at once,
+        and ``on_unhealthy(problem)`` has the process replaced. Returns whether to keep watching."""
+        problem = self.health_problem()
+        if problem is None:
+            return True
+        logger.critical("This worker cannot serve any more (%s): failing its requests and leaving", problem)
+        self.status, self.error = "failed", problem
+        self._engine.abort(problem)
+        on_unhealthy(problem)
+        return False
+
+    def _watch(self, on_unhealthy, interval_s: float) -> None:
+        stop = threading.Event()
+        while self.watch_once(on_unhealthy):
+            stop.wait(interval_s)
 
     def load(self, settings: RuntimeSettings) -> Engine:
         """Load synchronously (a second call returns the loaded engine)."""
@@ -137,27 +167,35 @@ class Runtime:
                 logger.warning("The backend is below the parity floor: %s. %s", manifest.describe(), manifest.note)
             self._engine, self.status, self.settings, self.manifest = engine, "ready", settings, manifest
             self.ready_seconds = time.monotonic() - self.started_at
+            metrics.MODEL_LOAD_SECONDS.set(self.ready_seconds)
             self.process_seconds_to_ready = process_age()
             logger.info("Model %s ready in %.1f s: %s", engine.name, self.ready_seconds, manifest.describe())
             return engine
 
-    def start(self, settings: RuntimeSettings, *, on_failure=None) -> None:
-        """Load in a background thread, once; ``on_failure(exc)`` runs if loading fails."""
+    def start(self, settings: RuntimeSettings, *, on_failure=None, on_unhealthy=None) -> None:
+        """Load in a background thread, once; ``on_failure(exc)`` runs if loading fails. With
+        ``on_unhealthy``, that thread then watches the engine (``watch_once``) every second."""
         with self._lock:
             if self._thread is not None or self._engine is not None:
                 return
             self._thread = threading.Thread(
-                target=self._load_in_background, args=(settings, on_failure), name="clip-warmup", daemon=True
+                target=self._load_in_background,
+                args=(settings, on_failure, on_unhealthy),
+                name="clip-warmup",
+                daemon=True,
             )
             self._thread.start()
 
-    def _load_in_background(self, settings: RuntimeSettings, on_failure) -> None:
+    def _load_in_background(self, settings: RuntimeSettings, on_failure, on_unhealthy) -> None:
         try:
             self.load(settings)
         except Exception as exc:  # noqa: BLE001 - every failure is reported the same way
             logger.critical("Cannot load CLIP_MODEL=%r: %s", settings.model, exc)
             if on_failure is not None:
                 on_failure(exc)
+            return
+        if on_unhealthy is not None:
+            self._watch(on_unhealthy, interval_s=1.0)
 
     def close(self) -> None:
         """Stop the engine and forget it (tests, and a worker that exits)."""

@@ -393,7 +393,7 @@ def test_every_documented_error_code_is_one_row_of_the_error_table():
     from embeddings import errors
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    documented = set(re.findall(r"`([a-z_]+)`", readme.split("### Errors", 1)[1].split("### Health", 1)[0]))
+    documented = set(re.findall(r"`([a-z_]+)`", readme.split("### Errors", 1)[1].split("\n### ", 1)[0]))
     documented -= {"filename", "request_id", "key"}
     rows = {
         cls.default_code: cls

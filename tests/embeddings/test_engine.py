@@ -139,16 +139,49 @@ def wait_until(condition) -> None:
 
 
 def test_a_full_queue_refuses_at_once_instead_of_piling_up(gated, clip):
-    engine, backend = gated(max_batch=1, max_queue=2)
-    threads, results = in_threads([lambda: engine.embed_texts(["first"]), lambda: engine.embed_texts(["a", "b"])])
+    engine, backend = gated(max_batch=1, max_queue=4)
+    threads, results = in_threads(
+        [
+            lambda: engine.embed(texts=["first"], client="a").texts,
+            lambda: engine.embed(texts=["b1", "b2"], client="b").texts,
+            lambda: engine.embed(texts=["c1", "c2"], client="c").texts,
+        ]
+    )
     assert backend.entered.wait(10)
-    wait_until(lambda: engine._queued_items == 2)  # one item in the forward, two waiting
-    with pytest.raises(QueueFull):
-        engine.embed_texts(["one too many"])
+    wait_until(lambda: engine._queued_items == 4)  # one item in the forward, four waiting: full
+    with pytest.raises(QueueFull, match="already waiting"):
+        engine.embed(texts=["one too many"], client="d")
     backend.gate.set()
     join(threads)
-    assert_same_vectors(results[0], clip.embed_texts(["first"]))
-    assert_same_vectors(results[1], clip.embed_texts(["a", "b"]))
+    for got, texts in zip(results, (["first"], ["b1", "b2"], ["c1", "c2"]), strict=True):
+        assert_same_vectors(got, clip.embed_texts(texts))
+
+
+def test_one_client_gets_half_the_queue_and_others_are_served_in_turn(gated):
+    engine, backend = gated(max_batch=1, max_queue=8)
+    order = []
+    real = backend.real.text_features
+
+    def recording(ids, mask):
+        order.append(int(ids[0, 1]))  # each text's first word's token tells whose it is
+        return real(ids, mask)
+
+    backend.real = type("Recording", (), {"text_features": staticmethod(recording)})()
+    cat, dog, first = (engine.preprocessing.tokenize([w])[0].ids[1] for w in ("cat", "dog", "first"))
+    calls = [lambda: engine.embed(texts=["first"], client="a")]
+    threads, _ = in_threads(calls)
+    assert backend.entered.wait(10)  # "first" is in the forward: the queue is empty
+    more, results = in_threads([lambda: engine.embed(texts=["cat"] * 4, client="big")])
+    wait_until(lambda: engine._queued_items == 4)
+    with pytest.raises(QueueFull, match="this client"):  # half of 8: the big client's share is full
+        engine.embed(texts=["cat"], client="big")
+    small, small_results = in_threads([lambda: engine.embed(texts=["dog"], client="small")])
+    wait_until(lambda: engine._queued_items == 5)
+    backend.gate.set()
+    join(threads + more + small)
+    assert not isinstance(small_results[0], Exception) and not isinstance(results[0], Exception)
+    assert order[0] == first and order[1] == cat and order[2] == dog  # served in turn, not behind all four
+    assert order.count(cat) == 4
 
 
 def test_image_pixels_waiting_are_bounded_too(gated):

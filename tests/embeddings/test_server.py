@@ -205,3 +205,16 @@ def test_a_worker_with_nothing_prepared_stops_and_names_prepare_model(tmp_path, 
     assert result.returncode != 0
     assert "prepare_model" in result.stdout + result.stderr
     assert not (folder / "model-clip" / "clipsite-prepared" / "image.onnx").exists()  # the worker exported nothing
+
+
+def test_only_the_literal_request_id_header_keeps_its_underscore(server):
+    """Underscored headers are dropped, not merged into their dashed twins: X_Request_Id is not X-Request-ID."""
+    body, content_type = multipart_body([("text-1", "hi", None)])
+    status, headers, _ = raw_http(
+        server.port, request_bytes("/syte_test/embeddings", body, content_type, "X_Request_Id: smuggled\r\n")
+    )
+    assert status == 200 and headers["request_id"] != "smuggled"
+    status, headers, _ = raw_http(
+        server.port, request_bytes("/syte_test/embeddings", body, content_type, "request_id: literal-7\r\n")
+    )
+    assert status == 200 and headers["request_id"] == "literal-7"

@@ -188,11 +188,11 @@ def test_a_warm_request_never_runs_the_text_encoder(client, clip, jpeg, monkeypa
     image_passes = []
     embed = clip.embed
 
-    def counting(*, images=(), texts=(), timeout=None):
+    def counting(*, images=(), texts=(), **kwargs):
         if texts:
             no_text_encoder(texts)
         image_passes.append(len(images))
-        return embed(images=images, texts=texts, timeout=timeout)
+        return embed(images=images, texts=texts, **kwargs)
 
     monkeypatch.setattr(clip, "embed", counting)
     # One small query (is the cache current?) and one insert (the recorded answer).
@@ -354,8 +354,8 @@ def test_a_large_jpeg_gets_the_same_vector_from_both_endpoints(client, clip, mon
         services, "decode_image", lambda *a, **k: decoded_sizes.append(decode(*a, **k).image.size) or decode(*a, **k)
     )
 
-    def recording(*, images=(), texts=(), timeout=None):
-        out = embed(images=images, texts=texts, timeout=timeout)
+    def recording(*, images=(), texts=(), **kwargs):
+        out = embed(images=images, texts=texts, **kwargs)
         inputs.extend(
             (np.asarray(image).copy(), vector.copy()) for image, vector in zip(images, out.images, strict=True)
         )

@@ -1,0 +1,105 @@
+"""DRF authentication, permission and throttle of the API: keys, staff on the demo page, rate limits."""
+
+from __future__ import annotations
+
+from django.core import signing
+from rest_framework import authentication, exceptions, permissions, throttling
+
+from access.services import ApiClient, api_key_check
+from clipsite.config import current
+
+DEMO_TOKEN_SALT = "clipsite.demo-page"
+DEMO_TOKEN_MAX_AGE_S = 12 * 3600
+
+
+def presented_key(request) -> str | None:
+    """The key a request carries: ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``."""
+    header = request.META.get("HTTP_AUTHORIZATION", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    value = request.META.get("HTTP_X_API_KEY", "").strip()
+    return value or None
+
+
+class ApiKeyAuthentication(authentication.BaseAuthentication):
+    """A request with a key is authenticated by it; a wrong or revoked key is a 401 whatever the setting."""
+
+    def authenticate(self, request):
+        raw = presented_key(request)
+        if raw is None:
+            return None
+        client = api_key_check(raw=raw)
+        if client is None:
+            raise exceptions.AuthenticationFailed("The API key is not valid (unknown or revoked).")
+        return client, client
+
+    def authenticate_header(self, request) -> str:
+        return 'Bearer realm="clipsite"'
+
+
+def demo_token(user) -> str:
+    """What the demo page's script sends for its logged-in staff user (the page holds it; other sites
+    cannot read it, so it is no CSRF hole)."""
+    return signing.TimestampSigner(salt=DEMO_TOKEN_SALT).sign(str(user.pk))
+
+
+class DemoPageAuthentication(authentication.BaseAuthentication):
+    """The demo page's own requests, made for a logged-in staff user (header ``X-Demo-Token``)."""
+
+    def authenticate(self, request):
+        token = request.META.get("HTTP_X_DEMO_TOKEN")
+        if not token:
+            return None
+        from django.contrib.auth import get_user_model
+
+        try:
+            user_id = signing.TimestampSigner(salt=DEMO_TOKEN_SALT).unsign(token, max_age=DEMO_TOKEN_MAX_AGE_S)
+        except signing.BadSignature:
+            return None
+        user = get_user_model().objects.filter(pk=user_id, is_active=True, is_staff=True).first()
+        return (user, "demo-page") if user is not None else None
+
+
+class RequireApiKey(permissions.BasePermission):
+    """With CLIP_REQUIRE_API_KEY, only a valid key (or the demo page's staff) may call the API."""
+
+    def has_permission(self, request, view) -> bool:
+        if not current().access.require_api_key:
+            return True
+        user = getattr(request, "user", None)
+        return bool(user is not None and getattr(user, "is_authenticated", False))
+
+
+class ClientRateThrottle(throttling.SimpleRateThrottle):
+    """CLIP_RATE_LIMIT per key, or per client address for requests without one, across every worker
+    (the cache is shared: settings.CACHES["throttle"])."""
+
+    scope = "clip"
+    cache_name = "throttle"
+
+    def __init__(self):
+        from django.core.cache import caches
+
+        self.cache = caches[self.cache_name]
+        super().__init__()
+
+    def get_rate(self):
+        return current().access.rate_limit or None
+
+    def allow_request(self, request, view):
+        self.rate = self.get_rate()  # read each time: tests (and a reload) may change it
+        if self.rate is None:
+            return True
+        self.num_requests, self.duration = self.parse_rate(self.rate)
+        return super().allow_request(request, view)
+
+    def get_cache_key(self, request, view):
+        user = getattr(request, "user", None)
+        if isinstance(user, ApiClient):
+            ident = f"key-{user.key_id}"
+        elif user is not None and getattr(user, "is_staff", False):
+            ident = f"staff-{user.pk}"
+        else:
+            ident = f"addr-{self.get_ident(request)}"
+        return self.cache_format % {"scope": self.scope, "ident": ident}

@@ -1,0 +1,350 @@
+"""The OpenAPI description of the API (drf-spectacular): answer shapes, error codes, the health probes.
+
+The serializers here describe answers only; no view runs them. The error codes are read from the one
+error table (embeddings/errors.py), so a code added there is documented here without another edit.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_field,
+    extend_schema_view,
+)
+from rest_framework import serializers
+from rest_framework.permissions import AllowAny
+from rest_framework.views import APIView
+
+from clipsite.config import current
+from embeddings import errors
+
+# The errors only the wearable endpoints raise, and only feedback: the rest may come from any endpoint.
+WEARABLE_ERRORS = (
+    errors.NoImage,
+    errors.TooManyImages,
+    errors.UnexpectedText,
+    errors.NoCategories,
+    errors.DatabaseUnavailable,
+)
+FEEDBACK_ERRORS = (errors.UnknownRequestId, errors.UnknownCategory, errors.InvalidFeedback)
+# What a multipart endpoint never answers: a JSON body's error, and 404 (its path exists).
+NOT_FROM_PARTS = (errors.NotFound, errors.MalformedRequest)
+# What feedback never answers: errors of parts (ours is not its multipart reader), images and the model.
+NOT_FROM_FEEDBACK = (
+    errors.EmptyRequest,
+    errors.EmptyText,
+    errors.InvalidText,
+    errors.TextTooLong,
+    errors.InvalidImage,
+    errors.DuplicateKey,
+    errors.InvalidKey,
+    errors.InvalidParameter,
+    errors.MalformedMultipart,
+    errors.FileTooLarge,
+    errors.ImageTooLarge,
+    errors.RequestTooManyPixels,
+    errors.TooManyParts,
+    errors.KeyTooLong,
+    errors.UnsupportedImage,
+    errors.NotReady,
+    errors.Overloaded,
+    errors.Timeout,
+)
+
+
+# Bases that only group a status: never raised themselves.
+_ABSTRACT = (errors.ApiError, errors.TooLarge)
+
+
+def _error_classes(base: type[errors.ApiError] = errors.ApiError) -> list[type[errors.ApiError]]:
+    """Every error class of the table, in the order errors.py declares them."""
+    found = [] if base in _ABSTRACT else [base]
+    for sub in base.__subclasses__():
+        found += _error_classes(sub)
+    return found
+
+
+def _drf_only() -> list[tuple[str, int]]:
+    """DRF's own errors that api_exception_handler maps onto a code of no class here: the API keys'
+    and the rate limit's (access/)."""
+    ours = {cls.default_code for cls in _error_classes()}
+    return [(code, cls.status_code) for cls, code in errors._DRF_CODES.items() if code not in ours]
+
+
+def _codes_by_status(entries) -> dict[int, list[str]]:
+    by_status = defaultdict(list)
+    for code, status in entries:
+        if code not in by_status[status]:
+            by_status[status].append(code)
+    return dict(by_status)
+
+
+def error_table() -> dict[str, int]:
+    """Every error code the API may answer with, and its HTTP status."""
+    return {code: status for code, status in [(c.default_code, c.status_code) for c in _error_classes()] + _drf_only()}
+
+
+# The schema's enum of codes (SPECTACULAR_SETTINGS["ENUM_NAME_OVERRIDES"] names it ErrorCodeEnum).
+ERROR_CODES = sorted(error_table())
+
+
+class ErrorDetailSerializer(serializers.Serializer):
+    code = serializers.ChoiceField(choices=ERROR_CODES, help_text="Stable: clients may branch on it.")
+    message = serializers.CharField(help_text="For people; may change.")
+    key = serializers.CharField(allow_null=True, help_text="The part (or parameter) at fault, where there is one.")
+
+
+class ErrorSerializer(serializers.Serializer):
+    """The one shape of every error of the API."""
+
+    request_id = serializers.CharField(allow_null=True)
+    error = ErrorDetailSerializer()
+
+
+_STATUS_WORDS = {
+    400: "The request is not valid",
+    401: "No valid API key (with CLIP_REQUIRE_API_KEY), or a wrong or revoked one",
+    403: "Not allowed",
+    404: "Not found",
+    405: "Another method than POST",
+    406: "An Accept header the API cannot answer",
+    413: "Over a limit",
+    415: "Not a media type (or image format) the endpoint takes",
+    429: "Over CLIP_RATE_LIMIT: retry after the Retry-After header's seconds",
+    500: "A fault of the server's, logged with the request id",
+    503: "Not ready or over capacity: retry after the Retry-After header's seconds",
+    504: "The request waited longer than the server's deadline for the model (Retry-After)",
+}
+
+
+def error_responses(*, extra=(), without=()) -> dict[int, OpenApiResponse]:
+    """The error responses of an operation: the generic errors less ``without``, plus ``extra``; each
+    status with the codes it may carry."""
+    generic = [c for c in _error_classes() if not issubclass(c, WEARABLE_ERRORS + FEEDBACK_ERRORS)]
+    classes = [c for c in generic if not issubclass(c, tuple(without))] + list(extra)
+    entries = [(c.default_code, c.status_code) for c in classes] + _drf_only()
+    return {
+        status: OpenApiResponse(
+            ErrorSerializer,
+            description=f"{_STATUS_WORDS.get(status, 'Error')}. Codes: " + ", ".join(f"`{c}`" for c in codes) + ".",
+        )
+        for status, codes in sorted(_codes_by_status(entries).items())
+    }
+
+
+def errors_description() -> str:
+    """The table of error codes, for the schema's description."""
+    rows = "\n".join(
+        f"| {status} | {', '.join(f'`{c}`' for c in codes)} |"
+        for status, codes in sorted(_codes_by_status(error_table().items()).items())
+    )
+    return (
+        "Every error has one shape: "
+        '`{"request_id": str | null, "error": {"code": str, "message": str, "key": str | null}}`, '
+        "`key` naming the part at fault where there is one.\n\n| status | codes |\n|---|---|\n" + rows
+    )
+
+
+# --- Request parts ---------------------------------------------------------------------------------
+REQUEST_ID_HEADER = OpenApiParameter(
+    "request_id",
+    str,
+    OpenApiParameter.HEADER,
+    description=(
+        "The client's id of the request (also read from `Request-Id` and `X-Request-ID`): echoed in the answer "
+        "when it is 1 to 128 printable ASCII characters, else a fresh UUID4 is used."
+    ),
+)
+REQUEST_ID_ECHO = OpenApiParameter(
+    "request_id", str, OpenApiParameter.HEADER, response=True, description="The request's id, as in the body."
+)
+
+MULTIPART_PARTS = {
+    "type": "object",
+    "description": (
+        "Any keys, each once: a part with a filename is an image (JPEG, PNG, WebP, GIF, BMP, TIFF), "
+        "a part without one is a text (UTF-8)."
+    ),
+    "properties": {
+        "image": {"type": "string", "format": "binary", "description": "An image file (any key)."},
+        "text": {"type": "string", "description": "A text (any key)."},
+    },
+    "additionalProperties": {"type": "string", "description": "More texts (or images, sent with a filename)."},
+}
+
+
+# --- Answers -------------------------------------------------------------------------------------
+@extend_schema_field(
+    {
+        "oneOf": [
+            {"type": "array", "items": {"type": "number", "format": "float"}},
+            {"type": "string", "format": "byte"},
+        ],
+        "description": "float32 numbers (`encoding=float`), or base64 of little-endian float32 (`encoding=base64`).",
+    }
+)
+class VectorField(serializers.Field):
+    pass
+
+
+class SimilaritySerializer(serializers.Serializer):
+    image = serializers.CharField()
+    text = serializers.CharField()
+    score = serializers.FloatField(help_text="100 x cosine similarity, 2 decimals.")
+
+
+class EmbeddingsAnswerSerializer(serializers.Serializer):
+    request_id = serializers.CharField()
+    model = serializers.CharField()
+    dim = serializers.IntegerField()
+    normalized = serializers.BooleanField()
+    encoding = serializers.ChoiceField(choices=["float", "base64"])
+    texts_vectors = serializers.ListField(child=VectorField(), help_text="In the order the text parts came.")
+    images_vectors = serializers.ListField(child=VectorField(), help_text="In the order the image parts came.")
+    texts_keys = serializers.ListField(child=serializers.CharField())
+    images_keys = serializers.ListField(child=serializers.CharField())
+    vectors = serializers.DictField(child=VectorField(), help_text="Every part's vector, by its key.")
+    similarities = serializers.ListField(
+        child=SimilaritySerializer(), help_text="Pairs whose keys agree after `image` / `text` (`image-1`, `text-1`)."
+    )
+    similarity_matrix = serializers.ListField(
+        child=serializers.ListField(child=serializers.FloatField()),
+        required=False,
+        help_text="Images x texts, 100 x cosine: present when both kinds came.",
+    )
+    truncated = serializers.ListField(
+        child=serializers.CharField(), help_text="Keys of texts longer than the model's context, which were cut."
+    )
+
+
+embeddings_schema = extend_schema_view(
+    post=extend_schema(
+        summary="Vectors of any mix of images and texts, and their similarities",
+        tags=["embeddings"],
+        request={"multipart/form-data": MULTIPART_PARTS},
+        parameters=[
+            OpenApiParameter("normalize", bool, default=True, description="L2-normalised vectors, or raw projections."),
+            OpenApiParameter(
+                "encoding",
+                str,
+                enum=["float", "base64"],
+                default="float",
+                description="`base64`: each vector as base64 of little-endian float32.",
+            ),
+            REQUEST_ID_HEADER,
+            REQUEST_ID_ECHO,
+        ],
+        responses={
+            200: OpenApiResponse(EmbeddingsAnswerSerializer, description="A vector per part, keyed as sent."),
+            **error_responses(without=NOT_FROM_PARTS),
+        },
+    )
+)
+
+
+# --- The health probes (plain Django views, answered by the edge middleware) ---------------------
+class HealthSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["ok"])
+
+
+class NotReadySerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["idle", "loading", "failed"])
+    ready = serializers.BooleanField()
+
+
+class ReadySerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["ready"])
+    ready = serializers.BooleanField()
+    model = serializers.CharField()
+    family = serializers.CharField()
+    dim = serializers.IntegerField()
+    device = serializers.CharField()
+    test_model = serializers.BooleanField(help_text="A random-weight test model.")
+    ready_seconds = serializers.FloatField()
+    process_seconds_to_ready = serializers.FloatField()
+    backend = serializers.DictField(child=serializers.CharField(), help_text='Per tower, e.g. "onnx/float32".')
+    parity = serializers.DictField(child=serializers.FloatField(), help_text="Per tower, cosine to float32 PyTorch.")
+    faithful = serializers.BooleanField()
+    why = serializers.CharField()
+
+
+class HealthzSchemaView(APIView):
+    """``GET /healthz`` in the schema, never routed: the edge middleware answers with embeddings.views.healthz."""
+
+    authentication_classes = []
+    permission_classes = [AllowAny]
+
+    @extend_schema(
+        summary="The process serves",
+        description="Answered whatever the Host header, before any other check.",
+        tags=["health"],
+        operation_id="healthz",
+        responses={200: HealthSerializer},
+    )
+    def get(self, request):
+        from embeddings.views import healthz
+
+        return healthz(request._request)
+
+
+class ReadyzSchemaView(APIView):
+    """``GET /readyz`` in the schema, never routed: the edge middleware answers with embeddings.views.readyz."""
+
+    authentication_classes = []
+    permission_classes = [AllowAny]
+
+    @extend_schema(
+        summary="The model is loaded and has embedded a warm-up input",
+        description="Which model, its backend per tower, their measured parity and why; 503 before it is ready.",
+        tags=["health"],
+        operation_id="readyz",
+        responses={
+            200: ReadySerializer,
+            503: OpenApiResponse(NotReadySerializer, description="The model is not loaded (yet)."),
+        },
+    )
+    def get(self, request):
+        from embeddings.views import readyz
+
+        return readyz(request._request)
+
+
+# --- Hooks (SPECTACULAR_SETTINGS) ------------------------------------------------------------------
+def documented_endpoints(endpoints):
+    """PREPROCESSING_HOOKS: the canonical paths only (not the trailing-slash aliases), and the probes."""
+    kept = [e for e in endpoints if not e[0].endswith("/")]
+    return kept + [
+        ("/healthz", r"^healthz$", "GET", HealthzSchemaView.as_view()),
+        ("/readyz", r"^readyz$", "GET", ReadyzSchemaView.as_view()),
+    ]
+
+
+def describe_errors(result, generator, request, public):
+    """POSTPROCESSING_HOOKS: the table of error codes, from embeddings/errors.py, in the description."""
+    info = result.setdefault("info", {})
+    info["description"] = (info.get("description", "") + "\n\n" + errors_description()).strip()
+    return result
+
+
+# --- API keys (access/) -----------------------------------------------------------------------------
+class ApiKeyScheme(OpenApiAuthenticationExtension):
+    """How a client presents its key: ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``."""
+
+    target_class = "access.authentication.ApiKeyAuthentication"
+    name = ["ApiKey", "ApiKeyHeader"]
+
+    def get_security_definition(self, auto_schema):
+        return [
+            {"type": "http", "scheme": "bearer", "description": "An API key (`create_api_key`, or the admin)."},
+            {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "The same key, another header."},
+        ]
+
+    def get_security_requirement(self, auto_schema):
+        either = [{"ApiKey": []}, {"ApiKeyHeader": []}]
+        # Without CLIP_REQUIRE_API_KEY a request without a key is served too (a wrong key never is).
+        return either if current().access.require_api_key else [*either, {}]
