@@ -45,6 +45,22 @@ def post_fork(server, worker):
     coordination.set_slot(worker.age)
 
 
+def post_worker_init(worker):
+    """SIGTERM drains: readiness fails first (so a balancer stops sending), then gunicorn's own handler
+    stops accepting and lets the requests in flight finish within graceful_timeout."""
+    import signal
+
+    from embeddings.runtime.state import runtime
+
+    stop = signal.getsignal(signal.SIGTERM)
+
+    def drain(signum, frame):
+        runtime.drain()
+        stop(signum, frame)
+
+    signal.signal(signal.SIGTERM, drain)
+
+
 def child_exit(server, worker):
     from prometheus_client import multiprocess
 

@@ -54,6 +54,11 @@ CATEGORY_CACHE = Counter(
     "Look-ups of the wearable category vectors in a worker's memory: hit, miss (rebuilt) or stale (database down).",
     ["result"],
 )
+IN_FLIGHT = Gauge(
+    "clipsite_requests_in_flight",
+    "Requests being served right now (probes and /metrics not counted; live workers summed).",
+    multiprocess_mode="livesum",
+)
 REJECTIONS = Counter("clipsite_rejections", "Requests answered with an error, by its code.", ["code"])
 
 

@@ -62,9 +62,11 @@ class ApiEdgeMiddleware:
         if response is None:
             token = current_request_id.set(request_id or "-")  # every log line of this request names it
             stats_token = current_request_stats.set(stats)  # the services note its items and batches
+            metrics.IN_FLIGHT.inc()
             try:
                 response = self.get_response(request)
             finally:
+                metrics.IN_FLIGHT.dec()
                 current_request_stats.reset(stats_token)
                 current_request_id.reset(token)
             if request_id and not response.has_header("request_id"):

@@ -26,6 +26,7 @@ class EncodedParts:
     texts_raw: np.ndarray  # (n_texts, dim) float32 projections
     images_raw: np.ndarray
     truncated: list[str]
+    model: str  # the name of the model that computed them
 
 
 def current_engine() -> Engine:
@@ -102,6 +103,7 @@ def encode_parts(parts: list[Part], *, client: str = "") -> EncodedParts:
         texts_raw=out.texts,
         images_raw=out.images,
         truncated=[k for (k, _), flag in zip(texts, out.truncated, strict=True) if flag],
+        model=engine.name,
     )
 
 
@@ -152,7 +154,7 @@ def embeddings_compute(
     )
     body = {
         "request_id": request_id,
-        "model": current_engine().name,
+        "model": encoded.model,
         "dim": int(texts.shape[1] if len(texts) else images.shape[1]),
         "normalized": normalize,
         "encoding": encoding,

@@ -112,6 +112,11 @@ class Runtime:
     def ready(self) -> bool:
         return self._engine is not None and self.status == "ready"
 
+    def drain(self) -> None:
+        """The process is stopping: /readyz fails and new requests get 503; those in flight finish."""
+        if self.status == "ready":
+            self.status = "draining"
+
     # --- liveness --------------------------------------------------------------------------------
     def health_problem(self) -> str | None:
         """What makes this process unfit to serve, if anything: a dead inference thread, a hung forward."""

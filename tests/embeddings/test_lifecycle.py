@@ -1,0 +1,129 @@
+"""Workers come and go without losing a request silently: SIGTERM drains, SIGKILL is survived.
+
+A request is held in flight deterministically by the batcher: with CLIP_MAX_BATCH=64 and
+CLIP_MAX_WAIT_MS=4000 a lone text waits up to 4 s for batch mates; /metrics says when it is in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import multipart_body
+from tests.server import Server, raw_http, server_env
+
+pytestmark = pytest.mark.server
+
+
+def request(port: int) -> bytes:
+    body, content_type = multipart_body([("t", "held in flight", None)])
+    head = (
+        f"POST /syte_test/embeddings HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def in_flight(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("clipsite_requests_in_flight "):
+                return float(line.split()[1])
+    return 0.0
+
+
+def wait_for(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)  # polling a condition, not timing one
+    raise AssertionError("the condition was never reached")
+
+
+def start_held_request(port: int) -> tuple[threading.Thread, list]:
+    outcome: list = []
+
+    def call():
+        try:
+            outcome.append(raw_http(port, request(port), timeout=60))
+        except Exception as exc:  # noqa: BLE001
+            outcome.append(exc)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    wait_for(lambda: in_flight(port) >= 1)
+    return thread, outcome
+
+
+@pytest.fixture
+def slow_batch_server(tmp_path, tiny_model_dir):
+    env = server_env(tmp_path, tiny_model_dir, CLIP_MAX_BATCH="64", CLIP_MAX_WAIT_MS="4000")
+    srv = Server(env, tmp_path / "server.log")
+    srv.wait_ready()
+    yield srv
+    srv.stop()
+
+
+def worker_pids(master: int) -> list[int]:
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def test_sigterm_finishes_the_request_in_flight_then_refuses_new_ones(slow_batch_server):
+    srv = slow_batch_server
+    thread, outcome = start_held_request(srv.port)
+    os.kill(srv.proc.pid, signal.SIGTERM)  # the master (scripts/start.sh execs gunicorn)
+    thread.join(60)
+    status, _, payload = outcome[0]
+    assert status == 200 and json.loads(payload)["texts_vectors"]
+    srv.proc.wait(60)
+    assert srv.proc.returncode == 0
+    with pytest.raises(OSError):  # nobody listens any more
+        socket.create_connection(("127.0.0.1", srv.port), timeout=2).close()
+
+
+def test_a_worker_killed_mid_request_gives_its_client_an_error_and_is_replaced(slow_batch_server):
+    srv = slow_batch_server
+    (worker,) = worker_pids(srv.proc.pid)
+    thread, outcome = start_held_request(srv.port)
+    started = time.monotonic()
+    os.kill(worker, signal.SIGKILL)
+    thread.join(60)
+    assert time.monotonic() - started < 30  # an error, not a hang
+    assert isinstance(outcome[0], Exception) or outcome[0][0] >= 500
+    wait_for(lambda: worker_pids(srv.proc.pid) not in ([], [worker]))
+    srv.wait_ready()  # the new worker loads and serves
+    body, content_type = multipart_body([("t", "after the kill", None)])
+    head = (
+        f"POST /syte_test/embeddings HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    assert raw_http(srv.port, head.encode() + body, timeout=30)[0] == 200
+
+
+def test_readiness_fails_while_draining(tiny_model_dir):
+    from embeddings.runtime.prepare import prepare
+    from embeddings.runtime.state import Runtime, RuntimeNotReady
+    from tests.conftest import runtime_settings
+
+    settings = runtime_settings(tiny_model_dir)
+    prepare(settings)
+    rt = Runtime()
+    try:
+        engine = rt.load(settings)
+        rt.drain()
+        assert not rt.ready and rt.status == "draining"
+        with pytest.raises(RuntimeNotReady):
+            rt.engine()
+        assert engine.embed_texts(["a request already holding the engine finishes"]).shape[0] == 1
+    finally:
+        rt.close()
