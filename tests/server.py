@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -71,6 +72,17 @@ class Server:
                 os.killpg(self.proc.pid, 9)
                 self.proc.wait()
         self._log_file.close()
+
+
+@contextlib.contextmanager
+def serving(tmp: Path, model: str | Path, **env: str):
+    """The real server on ``model``, ready, stopped on leaving: ``with serving(tmp, model) as srv``."""
+    srv = Server(server_env(tmp, model, **env), tmp / "server.log")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
 
 
 def server_env(tmp: Path, model: str | Path, **extra: str) -> dict[str, str]:

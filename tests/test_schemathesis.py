@@ -17,7 +17,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.server import Server, server_env
+from tests.server import serving
 
 pytestmark = pytest.mark.server
 
@@ -32,13 +32,8 @@ CHECKS = [
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir):
-    tmp = tmp_path_factory.mktemp("schemathesis")
-    srv = Server(server_env(tmp, tiny_model_dir), tmp / "server.log")
-    try:
-        srv.wait_ready()
+    with serving(tmp_path_factory.mktemp("schemathesis"), tiny_model_dir) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

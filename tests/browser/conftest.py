@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.server import ROOT, Server, server_env
+from tests.server import ROOT, serving
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = ROOT / "artifacts" / "screenshots"  # kept by CI (README: "Demo page")
@@ -29,13 +29,8 @@ FAILED_LOAD = re.compile(r"^Failed to load resource: the server responded with a
 @pytest.fixture(scope="package")
 def demo_server(tmp_path_factory, tiny_model_dir):
     """gunicorn with DJANGO_DEBUG off and whitenoise, serving the tiny test model."""
-    tmp = tmp_path_factory.mktemp("demo-server")
-    server = Server(server_env(tmp, tiny_model_dir), tmp / "server.log")
-    try:
-        server.wait_ready()
+    with serving(tmp_path_factory.mktemp("demo-server"), tiny_model_dir) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="package")

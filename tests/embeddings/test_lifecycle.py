@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import multipart_body
-from tests.server import Server, raw_http, server_env
+from tests.server import raw_http, serving
 
 pytestmark = pytest.mark.server
 
@@ -66,11 +66,8 @@ def start_held_request(port: int) -> tuple[threading.Thread, list]:
 
 @pytest.fixture
 def slow_batch_server(tmp_path, tiny_model_dir):
-    env = server_env(tmp_path, tiny_model_dir, CLIP_MAX_BATCH="64", CLIP_MAX_WAIT_MS="4000")
-    srv = Server(env, tmp_path / "server.log")
-    srv.wait_ready()
-    yield srv
-    srv.stop()
+    with serving(tmp_path, tiny_model_dir, CLIP_MAX_BATCH="64", CLIP_MAX_WAIT_MS="4000") as srv:
+        yield srv
 
 
 def worker_pids(master: int) -> list[int]:

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.conftest import multipart_body, photo_bytes
-from tests.server import GUNICORN_ONLY, ROOT, Server, raw_http, server_env
+from tests.server import GUNICORN_ONLY, ROOT, Server, raw_http, server_env, serving
 
 pytestmark = pytest.mark.server
 
@@ -19,12 +19,8 @@ pytestmark = pytest.mark.server
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("server")
-    srv = Server(server_env(tmp, tiny_model_dir, CLIP_MAX_REQUEST_BYTES=str(30 * 1024 * 1024)), tmp / "server.log")
-    try:
-        srv.wait_ready()
+    with serving(tmp, tiny_model_dir, CLIP_MAX_REQUEST_BYTES=str(30 * 1024 * 1024)) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def request_bytes(path: str, body: bytes, content_type: str, extra_headers: str = "") -> bytes:
