@@ -1,0 +1,283 @@
+"""The load-and-fault run: the real server, a mix of valid, invalid and abusive requests to both
+endpoints at high concurrency, and two workers taken down along the way (one SIGKILL, one SIGTERM).
+
+It sends traffic only to the server it starts on 127.0.0.1, is bounded in requests and in time, and
+stops by itself. It reports counts by status, every 5xx other than 503/504 (there must be none), p50
+and p99 latency, and the server's resident memory at the start and the end. Run it with
+``python manage.py loadfault``; results go to artifacts/loadfault/.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import signal
+import statistics
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from bench.clipbench import ROOT, log, multipart, photo_jpegs
+
+GROWTH_LIMIT = 0.10  # the server's memory may grow less than this from the start to the end
+
+
+def _png(size: tuple[int, int], colour=(200, 30, 30)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, colour).save(out, "PNG")
+    return out.getvalue()
+
+
+def _raw(parts: list[bytes], boundary: str = "lf") -> tuple[bytes, str]:
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def request_mix() -> list[tuple[str, str, str, bytes, dict]]:
+    """(kind, method, path, body, headers): the valid, the invalid and the abusive, in a fixed order."""
+    jpeg = photo_jpegs((640, 480), count=2)
+    text = multipart("t", "a photo of a cat", None)
+    image = multipart("image", jpeg[0], "a.jpg")
+    bad_image = multipart("image", b"this is not an image at all", "x.jpg")
+    bomb = multipart("image", _png((8000, 8000)), "bomb.png")  # 64 M pixels, over the per-image limit
+    header_less = b"--lf\r\n\r\nno headers here\r\n"
+    mixed = _raw(
+        [
+            b'--lf\r\nContent-Disposition: form-data; name="image-1"; filename="a.jpg"\r\n\r\n' + jpeg[1] + b"\r\n",
+            b'--lf\r\nContent-Disposition: form-data; name="text-1"; \r\n\r\na red car\r\n',
+        ]
+    )
+
+    def post(kind, path, body_type, headers=None):
+        body, content_type = body_type
+        return kind, "POST", path, body, {"Content-Type": content_type, **(headers or {})}
+
+    valid = [
+        post("text", "/syte_test/embeddings", text),
+        post("text", "/syte_test/embeddings", text, {"request_id": "load-1"}),
+        post("mixed", "/syte_test/embeddings", mixed),
+        post("wearable", "/syte_test/wearable", image),
+        post("image", "/syte_test/embeddings", image),
+    ]
+    invalid = [
+        post("not-an-image", "/syte_test/embeddings", bad_image),
+        post(
+            "bad-utf8",
+            "/syte_test/embeddings",
+            _raw([b'--lf\r\nContent-Disposition: form-data; name="t"\r\n\r\n\xff\xfe\r\n']),
+        ),
+        post("empty", "/syte_test/embeddings", (b"", "multipart/form-data; boundary=lf")),
+        post("json-to-multipart", "/syte_test/embeddings", (b'{"a": 1}', "application/json")),
+        post(
+            "unknown-feedback", "/syte_test/feedback", (b'{"request_id": "nope", "categories": []}', "application/json")
+        ),
+        ("bad-query", "POST", "/syte_test/wearable?top_k=zero", image[0], {"Content-Type": image[1]}),
+    ]
+    abusive = [
+        post("too-many-parts", "/syte_test/embeddings", _raw([header_less] * 200)),
+        post("pixel-bomb", "/syte_test/embeddings", bomb),
+        post("long-text", "/syte_test/embeddings", multipart("t", "a" * 1_000_000, None)),
+        post("preamble", "/syte_test/embeddings", _raw([b"x" * 100_000 + b"\r\n", text[0]])),
+        post("deep-json", "/syte_test/feedback", (b"[" * 5000 + b"]" * 5000, "application/json")),
+        # Declares a terabyte and sends none of it (on a connection of its own, closed after the answer).
+        (
+            "declared-huge",
+            "POST",
+            "/syte_test/embeddings",
+            b"",
+            {"Content-Type": text[1], "Content-Length": "999999999999", "Connection": "close"},
+        ),
+    ]
+    # Mostly valid traffic, as a service sees it, with the others mixed in all along.
+    return valid * 6 + invalid + abusive
+
+
+@dataclass
+class Outcome:
+    statuses: Counter = field(default_factory=Counter)
+    by_kind: dict = field(default_factory=dict)
+    unexpected: list = field(default_factory=list)  # 5xx other than 503 and 504
+    connection_errors: int = 0
+    latencies: list = field(default_factory=list)
+
+
+def _children(master: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{master}/task/{master}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _rss_mb(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return total
+
+
+def _server_rss(master: int) -> float:
+    return _rss_mb([master, *_children(master)])
+
+
+def drive(port: int, mix, *, total: int, concurrency: int, deadline: float, on_progress) -> Outcome:
+    outcome, lock = Outcome(), threading.Lock()
+    counter = iter(range(total))
+
+    def client():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        while time.monotonic() < deadline:
+            with lock:
+                n = next(counter, None)
+            if n is None:
+                break
+            on_progress(n)
+            kind, method, path, body, headers = mix[n % len(mix)]
+            started = time.perf_counter()
+            try:
+                if "Content-Length" in headers:  # a declared length the body does not have
+                    conn.putrequest(method, path)
+                    for name, value in headers.items():
+                        conn.putheader(name, value)
+                    conn.endheaders()
+                else:
+                    conn.request(method, path, body, headers)
+                response = conn.getresponse()
+                payload = response.read()
+                status = response.status
+                if response.will_close or headers.get("Connection") == "close":
+                    conn.close()
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+                with lock:
+                    outcome.connection_errors += 1
+                    outcome.statuses["connection error"] += 1
+                continue
+            elapsed = time.perf_counter() - started
+            with lock:
+                outcome.statuses[status] += 1
+                outcome.by_kind.setdefault(kind, Counter())[status] += 1
+                outcome.latencies.append(elapsed)
+                if status >= 500 and status not in (503, 504):
+                    outcome.unexpected.append({"kind": kind, "status": status, "body": payload[:300].decode("latin-1")})
+        conn.close()
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(1.0, deadline - time.monotonic() + 30))
+    return outcome
+
+
+def run(*, out: Path, requests: int, concurrency: int, seconds: float, model_dir: Path | None) -> dict:
+    from embeddings.runtime.testmodel import build_test_model
+    from tests.server import Server, server_env
+
+    if model_dir is None:
+        model_dir = ROOT / "var" / "test-models" / "vit-b-32-seed0"
+        if not (model_dir / "model-clip" / "model.safetensors").exists():
+            log("building the vit-b-32 test model (random weights)")
+            build_test_model("vit-b-32", model_dir, seed=0)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="clipsite-loadfault-"))
+    mix = request_mix()
+    env = server_env(tmp, model_dir, WEB_CONCURRENCY="2")
+    log(f"starting the server on {model_dir} (2 workers)")
+    server = Server(env, tmp / "server.log")
+    faults: list[dict] = []
+    try:
+        server.wait_ready(timeout=600)
+        master = server.proc.pid
+        started = time.monotonic()
+        drive(server.port, mix, total=200, concurrency=16, deadline=started + 300, on_progress=lambda n: None)
+        rss_start = _server_rss(master)
+        log(f"warm: server {rss_start:.0f} MB resident; {requests} requests at concurrency {concurrency}")
+        fault_lock = threading.Lock()
+
+        def on_progress(n: int) -> None:
+            # A quarter of the way: SIGKILL a worker mid-traffic; half way: SIGTERM another (it drains).
+            for at, sig in ((requests // 4, signal.SIGKILL), (requests // 2, signal.SIGTERM)):
+                if n == at:
+                    with fault_lock:
+                        workers = _children(master)
+                        if workers:
+                            victim = workers[0] if sig == signal.SIGKILL else workers[-1]
+                            os.kill(victim, sig)
+                            faults.append({"at_request": n, "signal": sig.name, "worker": victim})
+                            log(f"{sig.name} to worker {victim} at request {n}")
+
+        t0 = time.monotonic()
+        outcome = drive(
+            server.port, mix, total=requests, concurrency=concurrency, deadline=t0 + seconds, on_progress=on_progress
+        )
+        wall = time.monotonic() - t0
+        server.wait_ready(timeout=300)  # the replaced workers are back
+        drive(server.port, mix, total=200, concurrency=16, deadline=time.monotonic() + 300, on_progress=lambda n: None)
+        rss_end = _server_rss(master)
+    finally:
+        server.stop()
+    lat = sorted(outcome.latencies) or [float("nan")]
+    sent = sum(outcome.statuses.values())
+    report = {
+        "requests": requests,
+        "answered": sent,
+        "concurrency": concurrency,
+        "wall_seconds": round(wall, 1),
+        "per_second": round(sent / wall, 1) if wall else 0.0,
+        "statuses": {str(k): v for k, v in sorted(outcome.statuses.items(), key=lambda kv: str(kv[0]))},
+        "by_kind": {k: {str(s): n for s, n in sorted(v.items())} for k, v in sorted(outcome.by_kind.items())},
+        "unexpected_5xx": outcome.unexpected,
+        "p50_ms": round(1000 * statistics.median(lat), 1),
+        "p99_ms": round(1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))], 1),
+        "rss_start_mb": round(rss_start, 1),
+        "rss_end_mb": round(rss_end, 1),
+        "rss_growth": round(rss_end / rss_start - 1, 4) if rss_start else None,
+        "faults": faults,
+        "model": str(model_dir),
+    }
+    report["ok"] = not report["unexpected_5xx"] and (report["rss_growth"] or 0) < GROWTH_LIMIT and sent == requests
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "results.md").write_text(markdown(report))
+    return report
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{status}: {n}" for status, n in counts.items())
+
+
+def markdown(report: dict) -> str:
+    faults = report["faults"]
+    lines = [
+        f"{report['answered']} of {report['requests']} requests at concurrency {report['concurrency']} in "
+        f"{report['wall_seconds']} s ({report['per_second']}/s); p50 {report['p50_ms']} ms, p99 {report['p99_ms']} ms.",
+        "",
+        "| status | count |",
+        "|---|---|",
+        *(f"| {status} | {count} |" for status, count in report["statuses"].items()),
+        "",
+        "| request | statuses |",
+        "|---|---|",
+        *(
+            f"| {kind} | {', '.join(f'{s}: {n}' for s, n in counts.items())} |"
+            for kind, counts in report["by_kind"].items()
+        ),
+        "",
+        f"5xx other than 503/504: {len(report['unexpected_5xx'])}.",
+        "Faults: " + ", ".join("{signal} to worker {worker} at request {at_request}".format(**f) for f in faults) + ".",
+        f"Server memory (master + workers, resident): {report['rss_start_mb']} MB at the start, "
+        f"{report['rss_end_mb']} MB at the end ({100 * (report['rss_growth'] or 0):+.1f}%).",
+        f"Verdict: {'ok' if report['ok'] else 'FAILED'}.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,20 @@
+"""The load-and-fault run itself, small: both faults happen, nothing answers an unexpected 5xx."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.server
+
+
+def test_a_small_load_and_fault_run_passes(tmp_path, tiny_model_dir):
+    from bench.loadfault import run
+
+    report = run(out=tmp_path / "out", requests=400, concurrency=8, seconds=300, model_dir=tiny_model_dir)
+    assert report["ok"], report
+    assert [f["signal"] for f in report["faults"]] == ["SIGKILL", "SIGTERM"]
+    assert report["unexpected_5xx"] == [] and report["answered"] == 400
+    statuses = report["statuses"]
+    assert statuses.get("200", 0) > 200 and statuses.get("400", 0) and statuses.get("413", 0)
+    assert report["by_kind"]["declared-huge"] == {"413": report["by_kind"]["declared-huge"]["413"]}
+    assert (tmp_path / "out" / "results.md").read_text().endswith("Verdict: ok.\n")
