@@ -16,7 +16,9 @@ from embeddings.runtime import coordination  # noqa: E402
 
 bind = f"0.0.0.0:{_config.server.port}"
 wsgi_app = "clipsite.wsgi:application"
-worker_class = "gthread"
+# gthread, reading each request whole in its event loop before a thread sees it: clients that send
+# a byte at a time cost a connection each, never a thread (clipsite/workers.py).
+worker_class = "clipsite.workers.BufferingThreadWorker"
 workers = _config.server.workers
 threads = _config.server.threads
 timeout = 120
