@@ -20,7 +20,7 @@ from django.views.decorators.http import require_GET, require_http_methods
 from access.authentication import demo_token
 from clipsite.config import current
 from embeddings import errors
-from embeddings.multipart import Part, check_declared_length
+from embeddings.multipart import Part
 from embeddings.runtime.state import runtime
 from embeddings.services import embeddings_compute
 from wearable.services import wearable_predict
@@ -179,7 +179,6 @@ def index(request):
             context["form_error"] = "Choose one of the page's forms to send."
             return render(request, "demo/index.html", context, status=400)
         try:
-            check_declared_length(request.META)
             result = handler(request)
         except Exception as exc:  # noqa: BLE001 - the API's own table says which errors are the client's
             api_error = errors.as_api_error(exc)

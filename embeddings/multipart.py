@@ -85,17 +85,14 @@ def check_declared_length(meta, limit: int | None = None) -> None:
         raise errors.RequestTooLarge(f"The request body is {length} bytes; the limit is {limit} bytes.")
 
 
-def read_form(stream, content_type: str, content_length: int | None) -> Form:
-    """Parse a multipart body from ``stream`` into a Form, enforcing every limit while reading."""
+def read_form(stream, content_type: str) -> Form:
+    """Parse a multipart body from ``stream`` into a Form, enforcing every limit while reading (its
+    declared length was refused over the limit before: embeddings/middleware.py)."""
     lim = current().limits
     _, params = parse_header_parameters(content_type or "")
     boundary = params.get("boundary", "")
     if not boundary or len(boundary) > 70 or not boundary.isascii():
         raise errors.MalformedMultipart("The multipart Content-Type has no valid boundary parameter.")
-    if content_length is not None and content_length > lim.max_request_bytes:
-        raise errors.RequestTooLarge(
-            f"The request body is {content_length} bytes; the limit is {lim.max_request_bytes} bytes."
-        )
     form, seen, total, preamble, browser_form = Form(), set(), 0, 0, False
     # Every delimiter counts, whatever its part turns out to be (skipped, empty, a form's own field):
     # the limit bounds the parsing work, not only the parts kept. One form control field is allowed.
@@ -183,6 +180,5 @@ class ClipMultiPartParser(BaseParser):
 
     def parse(self, stream, media_type=None, parser_context=None):
         request = parser_context["request"]
-        meta = request.META  # the declared length was checked before parsing (ClipApiView.initial)
-        form = read_form(stream, meta.get("CONTENT_TYPE", media_type or ""), declared_length(meta))
+        form = read_form(stream, request.META.get("CONTENT_TYPE", media_type or ""))
         return DataAndFiles(form, MultiValueDict())

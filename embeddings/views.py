@@ -52,12 +52,13 @@ class ClipApiView(APIView):
     serializer_class = ImageUploadForm
 
     def body_limit(self) -> int | None:
-        """The most bytes a body of this endpoint may declare (None: the request limit)."""
+        """A limit of this endpoint's own, below the request limit the edge middleware already enforces."""
         return None
 
     def initial(self, request, *args, **kwargs):
-        # Every body, whatever its parser, is refused before it is read when it declares too many bytes.
-        if request.method in ("POST", "PUT", "PATCH"):
+        # The edge middleware refused every body over the request limit; a stricter one is checked here,
+        # still before the body is read.
+        if request.method in ("POST", "PUT", "PATCH") and self.body_limit() is not None:
             check_declared_length(request.META, self.body_limit())
         super().initial(request, *args, **kwargs)
 
