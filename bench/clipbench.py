@@ -26,7 +26,7 @@ import orjson
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-PHOTOS = ROOT / "tests" / "data" / "photos"
+PHOTOS = ROOT / "embeddings" / "runtime" / "assets" / "photos"
 SIZES = {"640x480": (640, 480), "1920x1080": (1920, 1080), "4000x3000": (4000, 3000)}
 TEXTS = [
     "a photo of a cat",

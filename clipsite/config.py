@@ -43,8 +43,8 @@ class RuntimeSettings:
     model: str
     models_dir: Path
     device: str  # cpu, cuda or auto
-    runtime: str  # auto, torch or onnx: what prepare_model chooses between
-    quantize: str  # none or int8
+    backend: str  # auto, torch, onnx or openvino: what prepare_model chooses between
+    dtype: str  # auto, float32, bfloat16 or int8
     warmup: bool  # load the model in the background when a server process starts
     text_threads: int  # threads of a text forward: this worker's share of the cores
     image_threads: int  # threads of an image forward: every core unless set
@@ -235,8 +235,25 @@ VARIABLES: tuple[Var, ...] = (
     Var("CLIP_MODEL", "", _str, "clipsite.E010", "A Hugging Face id, a save_pretrained folder or the original layout."),
     Var("CLIP_MODELS_DIR", "/home/models/clip_models", _str, "clipsite.E011", "A folder this user can write."),
     Var("CLIP_DEVICE", "cpu", _choice, "clipsite.E012", "cpu, cuda or auto.", choices=("cpu", "cuda", "auto")),
-    Var("CLIP_RUNTIME", "auto", _choice, "clipsite.E013", "auto, torch or onnx.", choices=("auto", "torch", "onnx")),
-    Var("CLIP_QUANTIZE", "none", _choice, "clipsite.E014", "none or int8.", choices=("none", "int8")),
+    Var(
+        "CLIP_BACKEND",
+        "auto",
+        _choice,
+        "clipsite.E013",
+        "auto (the fastest faithful one, measured by prepare_model), torch, onnx or openvino.",
+        choices=("auto", "torch", "onnx", "openvino"),
+    ),
+    Var(
+        "CLIP_DTYPE",
+        "auto",
+        _choice,
+        "clipsite.E014",
+        "auto (measured by prepare_model), float32, bfloat16 or int8.",
+        choices=("auto", "float32", "bfloat16", "int8"),
+    ),
+    # The names before CLIP_BACKEND and CLIP_DTYPE, still read when the new ones are unset.
+    Var("CLIP_RUNTIME", "", _choice, "clipsite.E046", "Now CLIP_BACKEND.", choices=("auto", "torch", "onnx")),
+    Var("CLIP_QUANTIZE", "", _choice, "clipsite.E047", "Now CLIP_DTYPE=int8.", choices=("none", "int8")),
     Var("CLIP_WARMUP", True, _bool, "clipsite.E015", "true: a server process loads the model when it starts."),
     Var("CLIP_TORCH_THREADS", 0, _int, "clipsite.E016", "0 (cores / workers) or 1 to 256.", minimum=0, maximum=256),
     Var("CLIP_SOLO_THREADS", 0, _int, "clipsite.E017", "0 (every core) or 1 to 256.", minimum=0, maximum=256),
@@ -322,9 +339,10 @@ VARIABLES: tuple[Var, ...] = (
 _BY_NAME = {var.name: var for var in VARIABLES}
 
 # Rules that join two values, each with its own id.
-_INT8_NEEDS_ONNX = ("clipsite.E031", "CLIP_QUANTIZE=int8 needs CLIP_RUNTIME=onnx (or auto)")
-_INT8_NEEDS_CPU = ("clipsite.E032", "CLIP_QUANTIZE=int8 runs on the CPU (ONNX Runtime): not with CLIP_DEVICE=cuda")
-_ONNX_NEEDS_CPU = ("clipsite.E033", "CLIP_RUNTIME=onnx runs on the CPU: use torch (or auto) with CLIP_DEVICE=cuda")
+_INT8_NEEDS_ONNX = ("clipsite.E031", "CLIP_DTYPE=int8 runs on ONNX Runtime: CLIP_BACKEND=onnx (or auto)")
+_INT8_NEEDS_CPU = ("clipsite.E032", "CLIP_DTYPE=int8 runs on the CPU (ONNX Runtime): not with CLIP_DEVICE=cuda")
+_CPU_BACKEND = ("clipsite.E033", "CLIP_BACKEND=onnx or openvino runs on the CPU: use torch (or auto) with CLIP_DEVICE=cuda")
+_BF16_NOT_ONNX = ("clipsite.E038", "ONNX Runtime runs float32 or int8: CLIP_DTYPE=bfloat16 needs torch or openvino")
 _TEMPLATE_NEEDS_SLOT = ("wearable.E002", 'Every template needs "{}", e.g. "a photo of a {}."; separate them with |.')
 
 
@@ -363,12 +381,18 @@ def load(environ: Mapping[str, str], *, base_dir: Path) -> tuple[Config, list[Pr
                     *_TEMPLATE_NEEDS_SLOT,
                 )
             )
-    if v["CLIP_QUANTIZE"] == "int8" and v["CLIP_RUNTIME"] == "torch":
-        bad(_INT8_NEEDS_ONNX, "CLIP_QUANTIZE")
-    if v["CLIP_QUANTIZE"] == "int8" and v["CLIP_DEVICE"] == "cuda":
-        bad(_INT8_NEEDS_CPU, "CLIP_QUANTIZE")
-    if v["CLIP_RUNTIME"] == "onnx" and v["CLIP_DEVICE"] == "cuda":
-        bad(_ONNX_NEEDS_CPU, "CLIP_RUNTIME")
+    if v["CLIP_RUNTIME"] and not (environ.get("CLIP_BACKEND") or "").strip():
+        v["CLIP_BACKEND"] = v["CLIP_RUNTIME"]
+    if v["CLIP_QUANTIZE"] == "int8" and not (environ.get("CLIP_DTYPE") or "").strip():
+        v["CLIP_DTYPE"] = "int8"
+    if v["CLIP_DTYPE"] == "int8" and v["CLIP_BACKEND"] in ("torch", "openvino"):
+        bad(_INT8_NEEDS_ONNX, "CLIP_DTYPE")
+    if v["CLIP_DTYPE"] == "int8" and v["CLIP_DEVICE"] == "cuda":
+        bad(_INT8_NEEDS_CPU, "CLIP_DTYPE")
+    if v["CLIP_BACKEND"] in ("onnx", "openvino") and v["CLIP_DEVICE"] == "cuda":
+        bad(_CPU_BACKEND, "CLIP_BACKEND")
+    if v["CLIP_DTYPE"] == "bfloat16" and v["CLIP_BACKEND"] == "onnx":
+        bad(_BF16_NOT_ONNX, "CLIP_DTYPE")
 
     cores = cpu_cores()
     workers = v["WEB_CONCURRENCY"] or cores  # one worker per core: measured best end to end (README)
@@ -397,8 +421,8 @@ def load(environ: Mapping[str, str], *, base_dir: Path) -> tuple[Config, list[Pr
             model=v["CLIP_MODEL"],
             models_dir=Path(v["CLIP_MODELS_DIR"]).expanduser(),
             device=v["CLIP_DEVICE"],
-            runtime=v["CLIP_RUNTIME"],
-            quantize=v["CLIP_QUANTIZE"],
+            backend=v["CLIP_BACKEND"],
+            dtype=v["CLIP_DTYPE"],
             warmup=v["CLIP_WARMUP"],
             text_threads=v["CLIP_TORCH_THREADS"] or max(1, cores // workers),
             image_threads=v["CLIP_SOLO_THREADS"] or cores,

@@ -19,7 +19,7 @@ from embeddings.runtime.state import runtime
 from embeddings.runtime.testmodel import build_test_model
 
 ROOT = Path(__file__).resolve().parent.parent
-PHOTOS = Path(__file__).resolve().parent / "data" / "photos"
+PHOTOS = Path(__file__).resolve().parent.parent / "embeddings" / "runtime" / "assets" / "photos"
 MODELS = Path(os.environ.get("CLIPSITE_TEST_MODELS", ROOT / "var" / "test-models"))
 
 

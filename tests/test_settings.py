@@ -56,9 +56,13 @@ def test_a_bad_value_is_reported_with_the_variables_own_id_and_the_default_stand
         ({"CLIP_MAX_PARTS": "0"}, "CLIP_MAX_PARTS", "clipsite.E027"),
         ({"PORT": "70000"}, "PORT", "clipsite.E007"),
         ({"CLIP_REQUEST_TIMEOUT": "nan"}, "CLIP_REQUEST_TIMEOUT", "clipsite.E022"),
-        ({"CLIP_QUANTIZE": "int8", "CLIP_RUNTIME": "torch"}, "CLIP_QUANTIZE", "clipsite.E031"),
-        ({"CLIP_QUANTIZE": "int8", "CLIP_DEVICE": "cuda"}, "CLIP_QUANTIZE", "clipsite.E032"),
-        ({"CLIP_RUNTIME": "onnx", "CLIP_DEVICE": "cuda"}, "CLIP_RUNTIME", "clipsite.E033"),
+        ({"CLIP_DTYPE": "int8", "CLIP_BACKEND": "torch"}, "CLIP_DTYPE", "clipsite.E031"),
+        ({"CLIP_DTYPE": "int8", "CLIP_BACKEND": "openvino"}, "CLIP_DTYPE", "clipsite.E031"),
+        ({"CLIP_QUANTIZE": "int8", "CLIP_RUNTIME": "torch"}, "CLIP_DTYPE", "clipsite.E031"),
+        ({"CLIP_DTYPE": "int8", "CLIP_DEVICE": "cuda"}, "CLIP_DTYPE", "clipsite.E032"),
+        ({"CLIP_BACKEND": "onnx", "CLIP_DEVICE": "cuda"}, "CLIP_BACKEND", "clipsite.E033"),
+        ({"CLIP_BACKEND": "openvino", "CLIP_DEVICE": "cuda"}, "CLIP_BACKEND", "clipsite.E033"),
+        ({"CLIP_DTYPE": "bfloat16", "CLIP_BACKEND": "onnx"}, "CLIP_DTYPE", "clipsite.E038"),
         ({"WEARABLE_PROMPT_TEMPLATES": " | "}, "WEARABLE_PROMPT_TEMPLATES", "wearable.E001"),
         (
             {"WEARABLE_PROMPT_TEMPLATES": "a photo of a {}.|a photo of clothing."},
@@ -78,7 +82,8 @@ def test_values_are_parsed_and_derived_once():
             "CLIP_MAX_PARTS": " 1_000 ",
             "DJANGO_ALLOWED_HOSTS": "a.example, b.example",
             "WEB_CONCURRENCY": "4",
-            "CLIP_RUNTIME": "TORCH",
+            "CLIP_BACKEND": "OpenVINO",
+            "CLIP_DTYPE": "bfloat16",
             "WEARABLE_PROMPT_TEMPLATES": "{}|a photo of a {}",
             "LOG_LEVEL": "warning",
         },
@@ -86,10 +91,18 @@ def test_values_are_parsed_and_derived_once():
     )
     assert problems == []
     assert config.limits.max_parts == 1000 and config.allowed_hosts == ("a.example", "b.example")
-    assert config.runtime.runtime == "torch" and config.log_level == "WARNING"
+    assert (config.runtime.backend, config.runtime.dtype) == ("openvino", "bfloat16")
+    assert config.log_level == "WARNING"
     assert config.wearable.prompt_templates == ("{}", "a photo of a {}")
     assert config.runtime.text_threads == max(1, config.server.cores // 4)
     assert config.runtime.image_threads == config.server.cores
+
+
+def test_the_old_names_still_choose_when_the_new_ones_are_unset():
+    old = {"CLIP_RUNTIME": "onnx", "CLIP_QUANTIZE": "int8"}
+    assert (load(old, base_dir=BASE)[0].runtime.backend, load(old, base_dir=BASE)[0].runtime.dtype) == ("onnx", "int8")
+    both = load(old | {"CLIP_BACKEND": "auto", "CLIP_DTYPE": "float32"}, base_dir=BASE)[0].runtime
+    assert (both.backend, both.dtype) == ("auto", "float32")
 
 
 def test_the_system_check_reports_each_problem_with_its_id(settings):

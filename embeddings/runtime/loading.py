@@ -229,14 +229,14 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_model(source: ModelSource, *, device: str = "cpu"):
-    """The torch model of ``source``, float32 in eval mode, on ``device`` (cpu or cuda)."""
+def load_model(source: ModelSource, *, device: str = "cpu", dtype: str = "float32"):
+    """The torch model of ``source`` in eval mode, on ``device`` (cpu or cuda), its weights in ``dtype``."""
     import torch
     from transformers import AutoModel
 
     _quiet_transformers()
     try:
-        model = AutoModel.from_pretrained(source.model_dir, dtype=torch.float32)
+        model = AutoModel.from_pretrained(source.model_dir, dtype=getattr(torch, dtype))
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot load a model from {source.model_dir}: {exc}") from exc
     _check_clip_family(model, source.name or str(source.model_dir))

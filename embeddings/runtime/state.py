@@ -56,12 +56,12 @@ def open_engine(settings: RuntimeSettings) -> tuple[Engine, Manifest]:
         torch.set_num_threads(settings.text_threads)
     preprocessing = Preprocessing(load_processor(source), family=manifest.family, context=manifest.context)
     threads = {"image": settings.image_threads, "text": settings.text_threads}
-    torch_model = []
+    torch_models: dict[str, object] = {}
 
-    def model():  # loaded once, and only when a tower is served by torch
-        if not torch_model:
-            torch_model.append(load_model(source, device=resolve_device(settings.device)))
-        return torch_model[0]
+    def model(dtype: str):  # loaded once per dtype, and only when a tower is served by torch
+        if dtype not in torch_models:
+            torch_models[dtype] = load_model(source, device=resolve_device(settings.device), dtype=dtype)
+        return torch_models[dtype]
 
     opened: dict[str, object] = {}
     backends = {}

@@ -54,7 +54,7 @@ def test_a_request_within_the_pixel_budget_is_embedded(client, clip, settings):
 
 
 def test_jpeg_drafts_count_what_is_decoded_not_what_is_stored(client, clip, settings):
-    photo = Image.open("tests/data/photos/astronaut.jpg").convert("RGB").resize((4000, 3000))
+    photo = Image.open("embeddings/runtime/assets/photos/astronaut.jpg").convert("RGB").resize((4000, 3000))
     data = image_bytes(photo, "JPEG", quality=85)
     override(settings, limits={"max_request_pixels": 2 * 1000 * 750})  # two 1/4-scale drafts
     body, content_type = multipart_body([("a", data, "a.jpg"), ("b", data, "b.jpg")])

@@ -19,8 +19,8 @@ TOWERS = ("image", "text")
 
 @runtime_checkable
 class Backend(Protocol):
-    name: str  # "torch", "onnx"
-    dtype: str  # "float32", "int8"
+    name: str  # "torch", "onnx", "openvino"
+    dtype: str  # what it really computes in: "float32", "bfloat16", "int8"
     device: str  # "cpu", "cuda"
 
     def image_features(self, pixels: np.ndarray) -> np.ndarray:
@@ -34,14 +34,18 @@ class Backend(Protocol):
 
 
 def open_backend(choice: dict, *, model=None, prepared_dir: Path, threads: dict[str, int]) -> Backend:
-    """The backend a manifest's ``choice`` names. ``model``: a loader of the torch model, for torch."""
+    """The backend a manifest's ``choice`` names. ``model(dtype)``: a loader of the torch model, for torch."""
     if choice["backend"] == "torch":
         from embeddings.runtime.backends.torch import TorchBackend
 
-        return TorchBackend(model(), threads=threads)
+        return TorchBackend(model(choice["dtype"]), threads=threads)
+    files = {tower: prepared_dir / name for tower, name in choice.get("files", {}).items()}
     if choice["backend"] == "onnx":
         from embeddings.runtime.backends.onnx import OnnxBackend
 
-        files = {tower: prepared_dir / name for tower, name in choice["files"].items()}
         return OnnxBackend(files, threads=threads, dtype=choice["dtype"])
+    if choice["backend"] == "openvino":
+        from embeddings.runtime.backends.openvino import OpenVinoBackend
+
+        return OpenVinoBackend(files, threads=threads, dtype=choice["dtype"])
     raise ValueError(f"unknown backend {choice['backend']!r}")

@@ -1,4 +1,9 @@
-"""The PyTorch backend: the model's own forward, float32, eager, on the CPU or a GPU."""
+"""The PyTorch backend: the model's own forward, eager, on the CPU or a GPU, float32 or bfloat16.
+
+bfloat16 is the model's weights cast to it (pixels too; the vectors come back float32). On a CPU
+with AMX it ran ViT-B/32 4.5x faster than float32, on one with AVX512-BF16 2x; on one with neither,
+2 to 5x slower: prepare_model times it before it chooses it.
+"""
 
 from __future__ import annotations
 
@@ -29,11 +34,13 @@ class TorchBackend:
     """
 
     name = "torch"
-    dtype = "float32"
 
     def __init__(self, model, *, threads: dict[str, int] | None = None):
         self.model = model
-        self.device = next(model.parameters()).device.type
+        parameter = next(model.parameters())
+        self.device = parameter.device.type
+        self.torch_dtype = parameter.dtype
+        self.dtype = str(parameter.dtype).removeprefix("torch.")
         self.threads = threads or {}
 
     def threads_for(self, tower: str) -> int:
@@ -47,6 +54,8 @@ class TorchBackend:
         if wanted and torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in inputs.items()}
+        if "pixel_values" in tensors:
+            tensors["pixel_values"] = tensors["pixel_values"].to(self.torch_dtype)
         with torch.inference_mode():
             return projections(method(**tensors)).float().cpu().numpy()
 
