@@ -341,7 +341,10 @@ _BY_NAME = {var.name: var for var in VARIABLES}
 # Rules that join two values, each with its own id.
 _INT8_NEEDS_ONNX = ("clipsite.E031", "CLIP_DTYPE=int8 runs on ONNX Runtime: CLIP_BACKEND=onnx (or auto)")
 _INT8_NEEDS_CPU = ("clipsite.E032", "CLIP_DTYPE=int8 runs on the CPU (ONNX Runtime): not with CLIP_DEVICE=cuda")
-_CPU_BACKEND = ("clipsite.E033", "CLIP_BACKEND=onnx or openvino runs on the CPU: use torch (or auto) with CLIP_DEVICE=cuda")
+_CPU_BACKEND = (
+    "clipsite.E033",
+    "CLIP_BACKEND=onnx or openvino runs on the CPU: with CLIP_DEVICE=cuda use torch or auto",
+)
 _BF16_NOT_ONNX = ("clipsite.E038", "ONNX Runtime runs float32 or int8: CLIP_DTYPE=bfloat16 needs torch or openvino")
 _TEMPLATE_NEEDS_SLOT = ("wearable.E002", 'Every template needs "{}", e.g. "a photo of a {}."; separate them with |.')
 

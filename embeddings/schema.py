@@ -257,6 +257,27 @@ class NotReadySerializer(serializers.Serializer):
     ready = serializers.BooleanField()
 
 
+class CpuSerializer(serializers.Serializer):
+    model = serializers.CharField(required=False)
+    cores = serializers.IntegerField(required=False)
+    flags = serializers.ListField(child=serializers.CharField(), required=False)
+    amx = serializers.BooleanField(required=False)
+    native_bf16 = serializers.BooleanField(required=False)
+    device = serializers.CharField(required=False)
+
+
+class MeasuredSerializer(serializers.Serializer):
+    backend = serializers.CharField()
+    dtype = serializers.CharField()
+    runs = serializers.CharField(required=False, help_text="The dtype it really computes in on this CPU.")
+    parity = serializers.DictField(child=serializers.FloatField(), required=False)
+    ms_per_item = serializers.DictField(
+        child=serializers.FloatField(), required=False, help_text="Per tower, on a short batch, best of 3."
+    )
+    skipped = serializers.CharField(required=False)
+    error = serializers.CharField(required=False)
+
+
 class ReadySerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=["ready"])
     ready = serializers.BooleanField()
@@ -271,6 +292,8 @@ class ReadySerializer(serializers.Serializer):
     parity = serializers.DictField(child=serializers.FloatField(), help_text="Per tower, cosine to float32 PyTorch.")
     faithful = serializers.BooleanField()
     why = serializers.CharField()
+    cpu = CpuSerializer(help_text="What the CPU offers, as prepare_model found it (on a GPU: the device).")
+    measured = MeasuredSerializer(many=True, help_text="Each backend/dtype prepare_model tried, and what it measured.")
 
 
 class HealthzSchemaView(APIView):

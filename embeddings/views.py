@@ -118,6 +118,8 @@ def readyz(request):
             "parity": manifest.parity,
             "faithful": manifest.faithful,
             "why": manifest.note,
+            "cpu": manifest.cpu,
+            "measured": [{k: v for k, v in c.items() if k not in ("files", "vocabulary")} for c in manifest.candidates],
         }
     return JsonResponse(body, status=200 if runtime.ready else 503)
 

@@ -61,7 +61,7 @@ class Server:
 
     def output(self) -> str:
         self._log_file.flush()
-        return self.log.read_text(errors="replace")[-5000:]
+        return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -23,7 +23,7 @@ def test_the_defaults_need_no_environment():
     config, problems = load({}, base_dir=BASE)
     assert problems == []
     assert config.limits.max_parts == 64 and config.limits.max_text_words == 50
-    assert config.runtime.runtime == "auto" and config.runtime.max_batch == 32
+    assert (config.runtime.backend, config.runtime.dtype) == ("auto", "auto") and config.runtime.max_batch == 32
     assert config.server.port == 8081 and config.server.workers == config.server.cores
     assert config.database_url == "sqlite:////srv/clipsite/var/db.sqlite3"
     assert config.wearable.prompt_templates[0] == "a photo of a {}."

@@ -229,16 +229,18 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_model(source: ModelSource, *, device: str = "cpu", dtype: str = "float32"):
-    """The torch model of ``source`` in eval mode, on ``device`` (cpu or cuda), its weights in ``dtype``."""
+def load_model(source: ModelSource, *, device: str = "cpu", dtype: str = "float32", weights: Path | None = None):
+    """The torch model of ``source`` in eval mode, on ``device`` (cpu or cuda), its weights in ``dtype``;
+    ``weights``: a folder of the same model saved in ``dtype`` by prepare_model, read instead."""
     import torch
     from transformers import AutoModel
 
     _quiet_transformers()
+    folder = weights or source.model_dir
     try:
-        model = AutoModel.from_pretrained(source.model_dir, dtype=getattr(torch, dtype))
+        model = AutoModel.from_pretrained(folder, dtype=getattr(torch, dtype))
     except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"cannot load a model from {source.model_dir}: {exc}") from exc
+        raise ModelLoadError(f"cannot load a model from {folder}: {exc}") from exc
     _check_clip_family(model, source.name or str(source.model_dir))
     return model.to(device).eval()
 

@@ -22,6 +22,7 @@ import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +44,11 @@ from embeddings.runtime.preprocessing import Preprocessing, probe_image
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 PREPARED_SUBDIR = "clipsite-prepared"
 # The core promise: a backend is faithful when its vectors are float32 PyTorch's to these cosines.
 PARITY_FLOOR = {"image": 0.999, "text": 0.9999}
+PROBE_PHOTOS = Path(__file__).resolve().parent / "assets" / "photos"
 PROBE_TEXTS = (
     "a photo of a cat",
     "An astronaut in a white space suit, holding a flag on the moon.",
@@ -54,6 +56,22 @@ PROBE_TEXTS = (
     "Zwei Hunde spielen im Schnee 🐕",
     " ".join(["photograph"] * 100),  # over every family's context: the cut is checked too
 )
+# What prepare_model may choose between, fastest faithful first. int8 only when CLIP_DTYPE=int8 asks:
+# its error follows each input's activation ranges, so a probe set that passes says less of the next
+# input than it does for bfloat16, whose rounding is the same relative size on every input.
+CPU_CANDIDATES = (
+    ("torch", "float32"),
+    ("onnx", "float32"),
+    ("openvino", "float32"),
+    ("torch", "bfloat16"),
+    ("openvino", "bfloat16"),
+    ("onnx", "int8"),
+)
+CUDA_CANDIDATES = (("torch", "float32"), ("torch", "bfloat16"))
+# Each candidate is timed on a short image batch and a short text batch, best of TIMING_RUNS.
+TIMING_BATCH = {"image": 8, "text": 16}
+TIMING_RUNS = 3
+TIMING_TEXTS = ("a photo of a cat", "a red dress", "two dogs playing in the snow", "a leather handbag")
 
 
 @dataclass(frozen=True)
@@ -74,6 +92,8 @@ class Manifest:
     note: str  # why this choice
     prepared_at: float
     versions: dict
+    cpu: dict  # what the CPU offers (embeddings/runtime/cpu.py), or {"device": "cuda"}
+    candidates: list  # each pair tried: backend, dtype, runs, parity, ms_per_item, or skipped / error
     version: int = MANIFEST_VERSION
 
     def describe(self) -> str:
@@ -109,11 +129,11 @@ def fingerprint(source: ModelSource) -> str:
 
 
 def _requested(settings: RuntimeSettings) -> dict:
-    return {"runtime": settings.runtime, "quantize": settings.quantize, "device": settings.device}
+    return {"backend": settings.backend, "dtype": settings.dtype, "device": settings.device}
 
 
 def manifest_path(folder: Path, settings: RuntimeSettings) -> Path:
-    return folder / f"manifest-{settings.runtime}-{settings.quantize}-{settings.device}.json"
+    return folder / f"manifest-{settings.backend}-{settings.dtype}-{settings.device}.json"
 
 
 def read_manifest(source: ModelSource, settings: RuntimeSettings) -> tuple[Path, Manifest]:
@@ -132,13 +152,17 @@ def read_manifest(source: ModelSource, settings: RuntimeSettings) -> tuple[Path,
 
 
 def probe_inputs(preprocessing: Preprocessing) -> tuple[np.ndarray, tuple]:
-    """The fixed probe set the parity self-check runs: synthetic pictures, texts of several lengths."""
-    images = [probe_image(301, 227, 0), probe_image(224, 224, 1), probe_image(500, 333, 2).rotate(90, expand=True)]
+    """The fixed probe set of the parity self-check: the real photos beside the runtime, a synthetic
+    picture of noise, and texts of several lengths."""
+    from PIL import Image
+
+    images = [Image.open(path).convert("RGB") for path in sorted(PROBE_PHOTOS.glob("*.jpg"))]
+    images.append(probe_image(500, 333, 2).rotate(90, expand=True))
     pixels = np.stack([preprocessing.image(image) for image in images])
     return pixels, preprocessing.pad(preprocessing.tokenize(PROBE_TEXTS))
 
 
-def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
     b = b / np.linalg.norm(b, axis=1, keepdims=True)
     value = float(np.min(np.sum(a * b, axis=1)))
@@ -164,12 +188,53 @@ def prepare(settings: RuntimeSettings) -> tuple[ModelSource, Manifest]:
     return source, manifest
 
 
+def candidates(settings: RuntimeSettings, device: str) -> list[tuple[str, str, str | None]]:
+    """The (backend, dtype, why it is skipped or None) pairs prepare_model measures for ``settings``."""
+    pairs = CUDA_CANDIDATES if device == "cuda" else CPU_CANDIDATES
+    wanted = [
+        (b, d)
+        for b, d in pairs
+        if settings.backend in ("auto", b) and (settings.dtype == d or (settings.dtype == "auto" and d != "int8"))
+    ]
+    return [(b, d, None if device == "cuda" else unavailable(b, d, forced=settings.dtype == d)) for b, d in wanted]
+
+
+def unavailable(backend: str, dtype: str, *, forced: bool) -> str | None:
+    if backend == "openvino":
+        try:
+            from embeddings.runtime.backends.openvino import cpu_capabilities
+
+            capabilities = cpu_capabilities()
+        except Exception as exc:  # noqa: BLE001 - not installed, or no CPU plugin
+            return f"OpenVINO cannot run here ({type(exc).__name__}: {exc})"
+        if dtype == "bfloat16" and "BF16" not in capabilities and not forced:
+            return "OpenVINO finds no native bfloat16 on this CPU"
+    if backend == "torch" and dtype == "bfloat16" and not forced:
+        import torch
+
+        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return "PyTorch finds no native bfloat16 on this CPU (measured 2-5x slower than float32 there)"
+    return None
+
+
+def _seconds_per_item(run, inputs: tuple, items: int) -> float:
+    """The best of TIMING_RUNS timed calls after one warm-up, per item: the least disturbed by the machine."""
+    run(*inputs)
+    best = math.inf
+    for _ in range(TIMING_RUNS):
+        started = time.perf_counter()
+        run(*inputs)
+        best = min(best, time.perf_counter() - started)
+    return best / items
+
+
 def _prepare(source: ModelSource, settings: RuntimeSettings, folder: Path) -> Manifest:
     import onnxruntime
     import torch
     import transformers
 
     from embeddings.runtime.backends.torch import TorchBackend
+    from embeddings.runtime.cpu import cpu_features
 
     device = resolve_device(settings.device)
     processor = load_processor(source)
@@ -178,34 +243,38 @@ def _prepare(source: ModelSource, settings: RuntimeSettings, folder: Path) -> Ma
     context = text_context(model.config)
     preprocessing = Preprocessing(processor, family=family, context=context)
     pixels, (ids, mask) = probe_inputs(preprocessing)
-    reference = TorchBackend(model)
+    threads = {"image": settings.image_threads, "text": settings.text_threads}
+    reference = TorchBackend(model, threads=threads)
     want = {"image": reference.image_features(pixels), "text": reference.text_features(ids, mask)}
-    torch_choice = {"backend": "torch", "dtype": "float32"}
-    choice, parity, note = torch_choice, {"image": 1.0, "text": 1.0}, "float32 PyTorch: the reference itself"
-    if device == "cuda":
-        note = "a GPU: float32 PyTorch"
-    elif settings.runtime == "torch":
-        note = "CLIP_RUNTIME=torch"
-    else:
-        dtype = "int8" if settings.quantize == "int8" else "float32"
+    timing = _timing_inputs(pixels, preprocessing)
+    results: list[dict] = []
+    for backend, dtype, skipped in candidates(settings, device):
+        result = {"backend": backend, "dtype": dtype}
+        results.append(result)
+        if skipped:
+            result["skipped"] = skipped
+            continue
         try:
-            choice, parity = _onnx_choice(model, preprocessing, folder, source, dtype, pixels, ids, mask, want)
-        except Exception as exc:
-            if dtype == "int8":
-                raise ModelLoadError(
-                    f"cannot export {source.name or source.model_dir} to ONNX for int8: {exc}"
-                ) from exc
-            logger.warning("ONNX export of %s failed (%s): PyTorch serves it", source.name or source.model_dir, exc)
-            note = f"the ONNX export failed ({type(exc).__name__}): float32 PyTorch serves"
-        else:
-            faithful = all(parity[t] >= PARITY_FLOOR[t] for t in parity)
-            if faithful:
-                note = f"ONNX Runtime {dtype}, as CLIP_RUNTIME={settings.runtime} on the CPU asks; faithful to float32"
-            elif settings.runtime == "auto" and dtype == "float32":
-                note = f"ONNX Runtime's vectors fell below the parity floor ({parity}): float32 PyTorch serves"
-                choice, parity = torch_choice, {"image": 1.0, "text": 1.0}
-            else:
-                note = f"FORCED ONNX Runtime {dtype} IS BELOW THE PARITY FLOOR {PARITY_FLOOR}: measured {parity}"
+            opened, choice = open_candidate(backend, dtype, model, folder, source, pixels, ids, mask, threads)
+        except Exception as exc:  # noqa: BLE001 - a candidate that cannot run is reported, not fatal
+            logger.warning("%s/%s cannot serve %s: %s", backend, dtype, source.name or source.model_dir, exc)
+            result["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            continue
+        try:
+            got = {"image": opened.image_features(pixels), "text": opened.text_features(ids, mask)}
+            result["parity"] = {t: round(min_cosine(got[t], want[t]), 7) for t in want}
+            result["runs"] = opened.dtype
+            result["ms_per_item"] = {
+                "image": round(1000 * _seconds_per_item(opened.image_features, *timing["image"]), 3),
+                "text": round(1000 * _seconds_per_item(opened.text_features, *timing["text"]), 3),
+            }
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("%s/%s failed on the probe set: %s", backend, dtype, exc)
+            result["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        finally:
+            opened.close()
+        result |= {k: v for k, v in (choice or {}).items() if k in ("files", "vocabulary")}
+    towers, parity, note = _choose(results, settings)
     logit_scale = getattr(model, "logit_scale", None)
     logit_bias = getattr(model, "logit_bias", None)
     return Manifest(
@@ -217,8 +286,8 @@ def _prepare(source: ModelSource, settings: RuntimeSettings, folder: Path) -> Ma
         logit_bias=float(logit_bias.detach().float().reshape(-1)[0].item()) if logit_bias is not None else None,
         fingerprint=fingerprint(source),
         requested=_requested(settings),
-        towers={"image": dict(choice), "text": dict(choice)},
-        parity={t: round(v, 7) for t, v in parity.items()},
+        towers=towers,
+        parity=parity,
         faithful=all(parity[t] >= PARITY_FLOOR[t] for t in parity),
         note=note,
         prepared_at=time.time(),
@@ -226,25 +295,100 @@ def _prepare(source: ModelSource, settings: RuntimeSettings, folder: Path) -> Ma
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "onnxruntime": onnxruntime.__version__,
+            "openvino": _openvino_version(),
         },
+        cpu=cpu_features() if device == "cpu" else {"device": device},
+        candidates=results,
     )
 
 
-def _onnx_choice(model, preprocessing, folder, source, dtype, pixels, ids, mask, want):
-    from embeddings.runtime.backends.onnx import OnnxBackend, export_model
+def _openvino_version() -> str | None:
+    try:
+        import openvino
+    except ImportError:
+        return None
+    return openvino.__version__
 
+
+def _timing_inputs(pixels: np.ndarray, preprocessing: Preprocessing) -> dict[str, tuple]:
+    """A short image batch and a short text batch, the sizes a busy server forwards."""
+    images = np.concatenate([pixels] * (TIMING_BATCH["image"] // len(pixels) + 1))[: TIMING_BATCH["image"]]
+    texts = [TIMING_TEXTS[i % len(TIMING_TEXTS)] for i in range(TIMING_BATCH["text"])]
+    return {
+        "image": ((images,), TIMING_BATCH["image"]),
+        "text": (preprocessing.pad(preprocessing.tokenize(texts)), TIMING_BATCH["text"]),
+    }
+
+
+def open_candidate(backend, dtype, model, folder, source, pixels, ids, mask, threads):
+    """The candidate backend, opened as a worker opens it, and its manifest choice (None for torch)."""
+    import copy
+
+    from embeddings.runtime.backends import open_backend
+    from embeddings.runtime.backends.onnx import export_model
+
+    if backend == "torch":
+        if dtype == "float32":
+            return open_backend(
+                {"backend": "torch", "dtype": dtype}, model=lambda *_: model, prepared_dir=folder, threads=threads
+            ), None
+        from embeddings.runtime.backends.torch import save_weights
+
+        choice = {"backend": "torch", "dtype": dtype, "files": {"weights": ""}}
+        choice["files"]["weights"] = save_weights(
+            copy.deepcopy(model), folder, dtype=dtype, fingerprint=fingerprint(source)
+        )
+        loader = partial(load_model, source, device=next(model.parameters()).device.type)
+        return open_backend(
+            choice, model=lambda d, w: loader(dtype=d, weights=w), prepared_dir=folder, threads=threads
+        ), choice
     text_example = {"input_ids": ids[:2]} | ({"attention_mask": mask[:2]} if mask is not None else {})
     files = export_model(
         model,
         folder,
-        dtype=dtype,
+        dtype="int8" if dtype == "int8" else "float32",
         examples={"image": {"pixel_values": pixels[:2]}, "text": text_example},
         fingerprint=fingerprint(source),
     )
-    backend = OnnxBackend({t: folder / n for t, n in files.items()}, dtype=dtype)
-    try:
-        got = {"image": backend.image_features(pixels), "text": backend.text_features(ids, mask)}
-    finally:
-        backend.close()
-    parity = {t: _min_cosine(got[t], want[t]) for t in want}
-    return {"backend": "onnx", "dtype": dtype, "files": files}, parity
+    if backend == "openvino":
+        from embeddings.runtime.backends.openvino import convert_to_ir
+
+        files = convert_to_ir(folder, files)
+    choice = {"backend": backend, "dtype": dtype, "files": files}
+    if backend == "openvino":
+        choice["vocabulary"] = int(getattr(model.config, "text_config", model.config).vocab_size)
+    return open_backend(choice, prepared_dir=folder, threads=threads), choice
+
+
+def _choose(results: list[dict], settings: RuntimeSettings) -> tuple[dict, dict, str]:
+    """Per tower, the fastest candidate that is faithful to float32; where none is (only a forced
+    choice can leave none), the fastest that ran, flagged. Returns (towers, parity, note)."""
+    ran = [r for r in results if "ms_per_item" in r]
+    forced = settings.backend != "auto" or settings.dtype != "auto"
+    asked = f"CLIP_BACKEND={settings.backend} CLIP_DTYPE={settings.dtype}"
+    towers, parity, notes = {}, {}, []
+    if not ran:
+        problems = "; ".join(f"{r['backend']}/{r['dtype']}: {r.get('error') or r.get('skipped')}" for r in results)
+        raise ModelLoadError(f"no backend can serve this model with {asked}: {problems}")
+    reference = [r for r in ran if (r["backend"], r["dtype"]) == ("torch", "float32")]
+    for tower in ("image", "text"):
+        faithful = [r for r in ran if r["parity"][tower] >= PARITY_FLOOR[tower]]
+        # Unforced, float32 PyTorch is the reference itself: it serves when nothing else is faithful.
+        pool = faithful or (reference if not forced else []) or ran
+        best = min(pool, key=lambda r: r["ms_per_item"][tower])
+        towers[tower] = {k: best[k] for k in ("backend", "dtype", "files", "vocabulary") if k in best}
+        parity[tower] = best["parity"][tower]
+        label = f"{tower}: {best['backend']}/{best['dtype']} at {best['ms_per_item'][tower]:g} ms an item"
+        if faithful:
+            notes.append(f"{label}, the fastest of {len(faithful)} faithful to float32 (of {len(results)} tried)")
+        elif pool is reference:
+            notes.append(f"{label}: the float32 reference, as no other candidate reached the parity floor")
+        else:
+            notes.append(
+                f"{label}: FORCED BY {asked}, BELOW THE PARITY FLOOR {PARITY_FLOOR[tower]} "
+                f"(cosine {best['parity'][tower]:.6f} to float32)"
+            )
+    note = "; ".join(notes)
+    if forced:
+        note += f" ({asked})"
+    return towers, parity, note

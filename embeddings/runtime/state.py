@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 
 from clipsite.config import RuntimeSettings
 from embeddings import metrics
@@ -58,9 +59,10 @@ def open_engine(settings: RuntimeSettings) -> tuple[Engine, Manifest]:
     threads = {"image": settings.image_threads, "text": settings.text_threads}
     torch_models: dict[str, object] = {}
 
-    def model(dtype: str):  # loaded once per dtype, and only when a tower is served by torch
+    def model(dtype: str, weights: Path | None = None):  # once per dtype, only where a tower runs on torch
         if dtype not in torch_models:
-            torch_models[dtype] = load_model(source, device=resolve_device(settings.device), dtype=dtype)
+            device = resolve_device(settings.device)
+            torch_models[dtype] = load_model(source, device=device, dtype=dtype, weights=weights)
         return torch_models[dtype]
 
     opened: dict[str, object] = {}

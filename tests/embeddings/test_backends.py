@@ -17,7 +17,15 @@ from embeddings.runtime.engine import InferenceFailed
 from embeddings.runtime.prepare import prepare
 from embeddings.runtime.preprocessing import Tokens
 from embeddings.runtime.state import open_engine
-from tests.conftest import assert_same_vectors, cosines, gradient_image, photo_bytes, runtime_settings
+from tests.conftest import (
+    CPU_CONFIGS,
+    assert_same_vectors,
+    cosines,
+    gradient_image,
+    offered,
+    photo_bytes,
+    runtime_settings,
+)
 from tests.families import FAMILIES, ensure_family_model, reference_vectors
 
 TEXTS = [
@@ -27,10 +35,12 @@ TEXTS = [
     "一张猫的照片",
     " ".join(["photograph"] * 45),
 ]
-CONFIGS = {"torch": ("torch", "none"), "onnx": ("onnx", "none"), "onnx-int8": ("onnx", "int8")}
-# The core promise for float32 backends; int8 is an opt-in trade, held to what it measures on these models.
-FLOORS = {"torch": (0.999, 0.9999), "onnx": (0.999, 0.9999), "onnx-int8": (0.99, 0.99)}
-CASES = [(f, c) for f in FAMILIES for c in ("torch", "onnx")] + [("clip", "onnx-int8")]
+CONFIGS = {f"{b}-{d}": (b, d) for b, d in CPU_CONFIGS} | {"onnx-int8": ("onnx", "int8")}
+# The core promise for float32 and bfloat16; int8 is an opt-in trade, held to what it measures on these models.
+FLOORS = {name: (0.999, 0.9999) for name in CONFIGS} | {"onnx-int8": (0.99, 0.99)}
+# Every family on every backend and dtype this CPU offers (bfloat16 where it computes it natively).
+CASES = [(f, c) for f in FAMILIES for c in CONFIGS if c != "onnx-int8" and not offered(*CONFIGS[c])]
+CASES += [("clip", "onnx-int8")]
 
 
 def images():
@@ -48,8 +58,8 @@ def engines():
 
     def get(family: str, config: str):
         if (family, config) not in opened:
-            runtime, quantize = CONFIGS[config]
-            settings = runtime_settings(ensure_family_model(family), runtime=runtime, quantize=quantize)
+            backend, dtype = CONFIGS[config]
+            settings = runtime_settings(ensure_family_model(family), backend=backend, dtype=dtype)
             prepare(settings)
             opened[(family, config)] = open_engine(replace(settings, max_wait_ms=0))[0]
         return opened[(family, config)]
@@ -69,11 +79,7 @@ def test_it_is_the_backend_it_says(case):
     family, config, engine = case
     backend = engine.backends["image"]
     assert isinstance(backend, Backend)
-    assert (backend.name, backend.dtype, backend.device) == {
-        "torch": ("torch", "float32", "cpu"),
-        "onnx": ("onnx", "float32", "cpu"),
-        "onnx-int8": ("onnx", "int8", "cpu"),
-    }[config]
+    assert (backend.name, backend.dtype, backend.device) == (*CONFIGS[config], "cpu")
 
 
 def test_parity_with_transformers_pipeline(case):
@@ -88,8 +94,8 @@ def test_parity_with_transformers_pipeline(case):
 def test_a_batch_equals_its_items_alone(case):
     _, config, engine = case
     # Dynamic int8 quantises activations with the range of the whole batch: its rows move a little with
-    # their batch mates. float32 rows move only by float rounding.
-    cosine, norm_rtol = (0.999, 2e-2) if config == "onnx-int8" else (0.99999, 1e-4)
+    # their batch mates. float32 rows move only by float rounding, bfloat16 ones by bfloat16's (2^-8).
+    cosine, norm_rtol = {"int8": (0.999, 2e-2), "bfloat16": (0.9999, 5e-3)}.get(CONFIGS[config][1], (0.99999, 1e-4))
     pre = engine.preprocessing
     pixels = np.stack([pre.image(i) for i in images()])
     backend = engine.backends["image"]

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageOps
 from transformers import AutoModel, AutoProcessor
 
-from tests.conftest import gradient_image, image_bytes, load_runtime, multipart_body, photo_bytes
+from tests.conftest import cpu_config_params, gradient_image, image_bytes, load_runtime, multipart_body, photo_bytes
 
 TEXTS = [
     "a photo of a cat",
@@ -74,8 +74,12 @@ def inputs_and_expected_pils():
     return [(n, d, p if p is not None else Image.open(io.BytesIO(d))) for n, d, p in cases]
 
 
-def check_parity(client, model_dir, backend):
-    assert load_runtime(model_dir, backend).describe() == {"image": f"{backend}/float32", "text": f"{backend}/float32"}
+def check_parity(client, model_dir, config):
+    backend, dtype = config
+    assert load_runtime(model_dir, backend, dtype).describe() == {
+        "image": f"{backend}/{dtype}",
+        "text": f"{backend}/{dtype}",
+    }
     ref_images, ref_texts = reference(model_dir)
     cases = inputs_and_expected_pils()
     parts = [(f"img{i}", data, name) for i, (name, data, _) in enumerate(cases)]
@@ -97,12 +101,12 @@ def check_parity(client, model_dir, backend):
     assert float(stored @ got_images[-2]) < float(want_images[-2] @ got_images[-2])
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnx"])
-def test_parity_with_transformers_on_tiny(client, tiny_model_dir, backend):
-    check_parity(client, tiny_model_dir, backend)
+@pytest.mark.parametrize("config", cpu_config_params())
+def test_parity_with_transformers_on_tiny(client, tiny_model_dir, config):
+    check_parity(client, tiny_model_dir, config)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["torch", "onnx"])
-def test_parity_with_transformers_on_vit_b_32(client, vitb32_model_dir, backend):
-    check_parity(client, vitb32_model_dir, backend)
+@pytest.mark.parametrize("config", cpu_config_params())
+def test_parity_with_transformers_on_vit_b_32(client, vitb32_model_dir, config):
+    check_parity(client, vitb32_model_dir, config)

@@ -12,7 +12,7 @@ import pytest
 from embeddings.runtime import loading
 from embeddings.runtime import prepare as prepare_module
 from embeddings.runtime.loading import ModelNotPrepared
-from embeddings.runtime.prepare import PARITY_FLOOR, manifest_path, prepare, prepared_dir, read_manifest
+from embeddings.runtime.prepare import CPU_CANDIDATES, PARITY_FLOOR, manifest_path, prepare, prepared_dir, read_manifest
 from embeddings.runtime.state import Runtime
 from tests.conftest import MODELS, runtime_settings
 
@@ -24,18 +24,73 @@ def model_copy(tmp_path, tiny_model_dir):
     return folder
 
 
-def test_prepare_chooses_onnx_on_the_cpu_checks_parity_and_writes_the_manifest(model_copy):
+def test_prepare_measures_each_candidate_keeps_the_fastest_faithful_and_writes_the_manifest(model_copy):
     settings = runtime_settings(model_copy)
     source, manifest = prepare(settings)
-    assert manifest.towers["image"]["backend"] == manifest.towers["text"]["backend"] == "onnx"
-    assert manifest.towers["image"]["dtype"] == "float32"
-    assert manifest.parity["image"] >= 0.99999 and manifest.parity["text"] >= 0.99999 and manifest.faithful
-    assert manifest.family == "clip" and manifest.dim == 64 and manifest.context == 77
+    tried = {(c["backend"], c["dtype"]): c for c in manifest.candidates}
+    assert set(tried) == {pair for pair in CPU_CANDIDATES if pair[1] != "int8"}  # int8 only when asked
+    ran = [c for c in manifest.candidates if "ms_per_item" in c]
+    assert {("torch", "float32"), ("onnx", "float32"), ("openvino", "float32")} <= {
+        (c["backend"], c["dtype"]) for c in ran
+    }
+    for c in manifest.candidates:
+        assert ("ms_per_item" in c) != ("skipped" in c or "error" in c), c
+    for tower in ("image", "text"):
+        faithful = [c for c in ran if c["parity"][tower] >= PARITY_FLOOR[tower]]
+        fastest = min(faithful, key=lambda c: c["ms_per_item"][tower])
+        chosen = manifest.towers[tower]
+        assert (chosen["backend"], chosen["dtype"]) == (fastest["backend"], fastest["dtype"])
+        assert manifest.parity[tower] == fastest["parity"][tower] >= PARITY_FLOOR[tower]
+        assert f"{tower}: {chosen['backend']}/{chosen['dtype']}" in manifest.note
+    assert tried[("torch", "float32")]["parity"] == {"image": pytest.approx(1.0), "text": pytest.approx(1.0)}
+    assert manifest.faithful and manifest.family == "clip" and manifest.dim == 64 and manifest.context == 77
+    assert set(manifest.cpu) >= {"model", "amx", "native_bf16", "flags"}
     path = manifest_path(prepared_dir(source.model_dir, MODELS), settings)
     assert path.parent == model_copy / "model-clip" / "clipsite-prepared"
     on_disk = json.loads(path.read_text())
-    assert on_disk["requested"] == {"runtime": "auto", "quantize": "none", "device": "cpu"}
-    assert on_disk["towers"]["text"]["files"]["text"] == "text.onnx"
+    assert on_disk["requested"] == {"backend": "auto", "dtype": "auto", "device": "cpu"}
+    assert on_disk["candidates"] == manifest.candidates
+
+
+def test_the_choice_follows_the_timings_and_never_takes_an_unfaithful_candidate(model_copy, monkeypatch):
+    """The timings decide (made up here, in a fixed order); the parity floor is never traded for speed."""
+    order = {("openvino", "float32"): 1.0, ("onnx", "float32"): 2.0, ("torch", "float32"): 3.0}
+
+    def timed(run, inputs, items):
+        backend = run.__self__
+        return order.get((backend.name, backend.dtype), 0.5)  # bfloat16: the fastest of all
+
+    monkeypatch.setattr(prepare_module, "_seconds_per_item", timed)
+    monkeypatch.setattr(prepare_module, "PARITY_FLOOR", {"image": 0.999, "text": 0.9999999})
+    manifest = prepare(runtime_settings(model_copy))[1]
+    bf16 = [c for c in manifest.candidates if c["dtype"] == "bfloat16" and "parity" in c]
+    assert manifest.towers["text"]["backend"] == "openvino" and manifest.towers["text"]["dtype"] == "float32"
+    if bf16 and all(c["parity"]["image"] >= 0.999 for c in bf16):
+        assert manifest.towers["image"]["dtype"] == "bfloat16"
+    assert manifest.faithful
+
+
+def test_a_forced_choice_below_the_floor_still_serves_and_says_so_loudly(model_copy, monkeypatch, client):
+    from embeddings.runtime.state import runtime
+
+    monkeypatch.setattr(prepare_module, "PARITY_FLOOR", {"image": 1.5, "text": 1.5})  # nothing reaches it
+    settings = runtime_settings(model_copy, backend="onnx", dtype="float32")
+    manifest = prepare(settings)[1]
+    assert not manifest.faithful and "FORCED BY CLIP_BACKEND=onnx CLIP_DTYPE=float32" in manifest.note
+    runtime.close()
+    try:
+        runtime.load(settings)
+        body = client.get("/readyz").json()
+        assert body["ready"] and body["faithful"] is False and body["backend"]["image"] == "onnx/float32"
+        assert 0.9999 < body["parity"]["image"] <= 1.0 and "BELOW THE PARITY FLOOR" in body["why"]
+    finally:
+        runtime.close()
+
+
+def test_auto_falls_back_to_the_float32_reference_when_nothing_else_is_faithful(model_copy, monkeypatch):
+    monkeypatch.setattr(prepare_module, "PARITY_FLOOR", {"image": 1.5, "text": 1.5})
+    manifest = prepare(runtime_settings(model_copy))[1]
+    assert manifest.towers["image"] == manifest.towers["text"] == {"backend": "torch", "dtype": "float32"}
 
 
 def test_a_second_prepare_reuses_the_manifest_and_the_export(model_copy, monkeypatch):
@@ -57,8 +112,9 @@ def test_a_worker_finds_nothing_prepared_and_names_prepare_model(model_copy):
         Runtime().load(runtime_settings(model_copy))
 
 
-def test_a_worker_never_exports_and_never_loads_torch_weights_for_onnx(model_copy, monkeypatch):
-    settings = runtime_settings(model_copy)
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_a_worker_never_exports_and_never_loads_torch_weights_for_onnx(model_copy, monkeypatch, backend):
+    settings = runtime_settings(model_copy, backend=backend, dtype="float32")
     prepare(settings)
 
     def forbidden(*args, **kwargs):
@@ -70,7 +126,7 @@ def test_a_worker_never_exports_and_never_loads_torch_weights_for_onnx(model_cop
     rt = Runtime()
     try:
         engine = rt.load(settings)
-        assert engine.describe() == {"image": "onnx/float32", "text": "onnx/float32"}
+        assert engine.describe() == {"image": f"{backend}/float32", "text": f"{backend}/float32"}
         assert engine.embed_texts(["a photo of a cat"]).shape == (1, 64)
         assert engine.info.logit_scale == pytest.approx(float(__import__("numpy").exp(2.6592)), rel=1e-4)
     finally:
@@ -88,10 +144,11 @@ def test_changed_weights_make_the_manifest_stale(model_copy):
 
 
 def test_each_configuration_has_its_own_manifest(model_copy):
-    onnx = prepare(runtime_settings(model_copy))[1]
-    torch_ = prepare(runtime_settings(model_copy, runtime="torch"))[1]
+    onnx = prepare(runtime_settings(model_copy, backend="onnx", dtype="float32"))[1]
+    torch_ = prepare(runtime_settings(model_copy, backend="torch", dtype="float32"))[1]
     assert onnx.towers["image"]["backend"] == "onnx" and torch_.towers["image"]["backend"] == "torch"
-    assert torch_.note == "CLIP_RUNTIME=torch"
+    assert [(c["backend"], c["dtype"]) for c in torch_.candidates] == [("torch", "float32")]
+    assert "(CLIP_BACKEND=torch CLIP_DTYPE=float32)" in torch_.note
 
 
 def test_a_failed_export_falls_back_to_torch_and_says_why(model_copy, monkeypatch):
@@ -101,12 +158,15 @@ def test_a_failed_export_falls_back_to_torch_and_says_why(model_copy, monkeypatc
         raise RuntimeError("exporter cannot trace this model")
 
     monkeypatch.setattr(onnx, "export_model", broken_export)
-    manifest = prepare(runtime_settings(model_copy))[1]
-    assert manifest.towers["image"]["backend"] == "torch" and "export failed" in manifest.note
+    manifest = prepare(runtime_settings(model_copy, dtype="float32"))[1]
+    assert manifest.towers["image"]["backend"] == manifest.towers["text"]["backend"] == "torch"
+    failed = {c["backend"]: c["error"] for c in manifest.candidates if "error" in c}
+    assert failed == {"onnx": "RuntimeError: exporter cannot trace this model", "openvino": failed.get("openvino")}
+    assert "exporter cannot trace" in failed["openvino"] and manifest.faithful
 
 
 def test_forced_int8_is_measured_and_flagged_when_below_the_floor(model_copy):
-    manifest = prepare(runtime_settings(model_copy, runtime="onnx", quantize="int8"))[1]
+    manifest = prepare(runtime_settings(model_copy, backend="onnx", dtype="int8"))[1]
     assert manifest.towers["text"] == {
         "backend": "onnx",
         "dtype": "int8",

@@ -41,7 +41,11 @@ def test_fast_preprocessing_handles_square_resize_like_siglip():
 
 @pytest.mark.parametrize("size", [(1920, 1080), (4000, 3000)])
 def test_large_jpegs_are_draft_decoded_and_keep_parity(client, clip, tiny_model_dir, size):
-    photo = Image.open("embeddings/runtime/assets/photos/astronaut.jpg").convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    photo = (
+        Image.open("embeddings/runtime/assets/photos/astronaut.jpg")
+        .convert("RGB")
+        .resize(size, Image.Resampling.BICUBIC)
+    )
     data = image_bytes(photo, "JPEG", quality=90)
     decoded = decode_image(data, draft_min_side=clip.draft_min_side)
     assert min(decoded.image.size) < min(size)  # libjpeg decoded at reduced scale

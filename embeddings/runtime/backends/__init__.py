@@ -34,12 +34,12 @@ class Backend(Protocol):
 
 
 def open_backend(choice: dict, *, model=None, prepared_dir: Path, threads: dict[str, int]) -> Backend:
-    """The backend a manifest's ``choice`` names. ``model(dtype)``: a loader of the torch model, for torch."""
+    """The backend a manifest's ``choice`` names. ``model(dtype, weights)``: a loader of the torch model."""
+    files = {tower: prepared_dir / name for tower, name in choice.get("files", {}).items()}
     if choice["backend"] == "torch":
         from embeddings.runtime.backends.torch import TorchBackend
 
-        return TorchBackend(model(choice["dtype"]), threads=threads)
-    files = {tower: prepared_dir / name for tower, name in choice.get("files", {}).items()}
+        return TorchBackend(model(choice["dtype"], files.get("weights")), threads=threads)
     if choice["backend"] == "onnx":
         from embeddings.runtime.backends.onnx import OnnxBackend
 
@@ -47,5 +47,5 @@ def open_backend(choice: dict, *, model=None, prepared_dir: Path, threads: dict[
     if choice["backend"] == "openvino":
         from embeddings.runtime.backends.openvino import OpenVinoBackend
 
-        return OpenVinoBackend(files, threads=threads, dtype=choice["dtype"])
+        return OpenVinoBackend(files, threads=threads, dtype=choice["dtype"], vocabulary=choice.get("vocabulary"))
     raise ValueError(f"unknown backend {choice['backend']!r}")

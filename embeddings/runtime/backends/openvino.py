@@ -1,5 +1,6 @@
-"""The OpenVINO backend, float32 or bfloat16, on the CPU: it reads the ONNX export prepare_model makes
-for ONNX Runtime (no second export) and compiles each tower for this CPU.
+"""The OpenVINO backend, float32 or bfloat16, on the CPU: prepare_model converts the ONNX export it
+makes for ONNX Runtime into OpenVINO's IR (no second export from torch), and each worker compiles
+each tower for this CPU from the IR, whose weights every worker maps from the one file.
 
 bfloat16 is OpenVINO's ``INFERENCE_PRECISION_HINT``: weights and activations in bfloat16 where the
 CPU computes it natively (AVX512-BF16, AMX), accumulation in float32. OpenVINO quietly runs float32
@@ -15,6 +16,7 @@ OpenVINO path.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,29 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 PRECISIONS = {"float32": "f32", "bfloat16": "bf16"}
+
+
+def convert_to_ir(folder: Path, onnx_files: dict[str, str]) -> dict[str, str]:
+    """Each tower's ONNX export as OpenVINO's own format (``image.xml`` + ``image.bin``) in ``folder``
+    (the caller holds its lock), made again only when the export is newer. Returns {tower: xml name}.
+
+    Why: OpenVINO maps an IR's weights from the file, so the float32 constants sit in the page cache
+    once for every worker, where from ONNX each worker copies them (measured, ViT-B/32 image tower on
+    bfloat16: 389 MB private per worker from IR, 722 MB from ONNX, the same speed).
+    """
+    import openvino
+
+    names = {}
+    for tower, name in onnx_files.items():
+        source, xml = folder / name, folder / f"{Path(name).stem}.xml"
+        names[tower] = xml.name
+        if xml.exists() and xml.with_suffix(".bin").exists() and xml.stat().st_mtime_ns >= source.stat().st_mtime_ns:
+            continue
+        tmp = folder / f"{Path(name).stem}.tmp{os.getpid()}.xml"
+        openvino.save_model(openvino.Core().read_model(str(source)), str(tmp), compress_to_fp16=False)
+        os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
+        os.replace(tmp, xml)
+    return names
 
 
 def cpu_capabilities() -> set[str]:
@@ -39,12 +64,22 @@ class OpenVinoBackend:
     name = "openvino"
     device = "cpu"
 
-    def __init__(self, files: dict[str, Path], *, threads: dict[str, int] | None = None, dtype: str = "float32"):
+    def __init__(
+        self,
+        files: dict[str, Path],
+        *,
+        threads: dict[str, int] | None = None,
+        dtype: str = "float32",
+        vocabulary: int | None = None,
+    ):
         import openvino
 
         if dtype not in PRECISIONS:
             raise ValueError(f"OpenVINO runs float32 or bfloat16, not {dtype}")
         core = openvino.Core()
+        # OpenVINO's Gather gives a zero row for an index past the table where torch and ONNX Runtime
+        # raise: the backend checks token ids itself, so that a bad one fails instead of a garbage vector.
+        self.vocabulary = vocabulary
         self.requests = {}
         self.input_names: dict[str, list[str]] = {}
         ran = set()
@@ -59,10 +94,10 @@ class OpenVinoBackend:
             if (threads or {}).get(tower, 0) > 0:
                 config["INFERENCE_NUM_THREADS"] = threads[tower]
             compiled = core.compile_model(str(path), "CPU", config)
-            ran.add(str(compiled.get_property("INFERENCE_PRECISION_HINT")))
+            ran.add(compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name())
             self.requests[tower] = compiled.create_infer_request()
             self.input_names[tower] = [port.get_any_name() for port in compiled.inputs]
-        # What the CPU really runs: "bf16" only where it has the instructions.
+        # What the CPU really runs: bfloat16 only where it has the instructions.
         self.dtype = "bfloat16" if ran == {"bf16"} else "float32"
         if self.dtype != dtype:
             logger.warning("OpenVINO runs %s here, not the %s asked for: the CPU lacks it", self.dtype, dtype)
@@ -76,6 +111,8 @@ class OpenVinoBackend:
         return self._run("image", {"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32)})
 
     def text_features(self, ids: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        if ids.size and (ids.min() < 0 or (self.vocabulary is not None and ids.max() >= self.vocabulary)):
+            raise ValueError(f"a token id is outside the model's vocabulary of {self.vocabulary}")
         given = {"input_ids": ids, "attention_mask": mask}
         return self._run(
             "text", {name: np.ascontiguousarray(given[name], dtype=np.int64) for name in self.input_names["text"]}

@@ -7,6 +7,8 @@ with AMX it ran ViT-B/32 4.5x faster than float32, on one with AVX512-BF16 2x; o
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -68,3 +70,30 @@ class TorchBackend:
 
     def close(self) -> None:
         self.model = None
+
+
+def save_weights(model, folder: Path, *, dtype: str, fingerprint: str) -> str:
+    """The model's weights cast to ``dtype``, saved (safetensors) as ``folder/torch-DTYPE`` once per
+    fingerprint; the caller holds the folder's lock. Returns the folder's name.
+
+    Why: transformers maps a safetensors file whose dtype is the one asked for, so every worker reads
+    the same pages of the page cache; a cast at load would give each worker a private copy.
+    """
+    import json
+    import os
+    import shutil
+
+    name = f"torch-{dtype}"
+    target, stamp = folder / name, {"fingerprint": fingerprint, "dtype": dtype}
+    try:
+        if json.loads((target / "clipsite-weights.json").read_text()) == stamp:
+            return name
+    except (OSError, ValueError):
+        pass
+    tmp = folder / f"{name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to(getattr(torch, dtype)).save_pretrained(tmp)
+    (tmp / "clipsite-weights.json").write_text(json.dumps(stamp))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return name
