@@ -126,9 +126,11 @@ def paired_keys(images_keys: list[str], texts_keys: list[str]) -> list[tuple[int
     return pairs
 
 
-def similarity_scores(images: np.ndarray, texts: np.ndarray) -> np.ndarray:
-    """100 x cosine similarity (CLIP's logit scale), images x texts."""
-    return 100.0 * (l2_normalize(images) @ l2_normalize(texts).T)
+def similarity_scores(images: np.ndarray, texts: np.ndarray, *, normalized: bool = False) -> np.ndarray:
+    """100 x cosine similarity (CLIP's logit scale), images x texts (``normalized``: already unit length)."""
+    if not normalized:
+        images, texts = l2_normalize(images), l2_normalize(texts)
+    return 100.0 * (images @ texts.T)
 
 
 def vector_out(vector: np.ndarray, encoding: str):
@@ -167,7 +169,8 @@ def embeddings_compute(
         "truncated": encoded.truncated,
     }
     if len(texts) and len(images):
-        matrix = np.round(similarity_scores(encoded.images_raw, encoded.texts_raw).astype(np.float64), 2)
+        unit = (images, texts) if normalize else (encoded.images_raw, encoded.texts_raw)
+        matrix = np.round(similarity_scores(*unit, normalized=normalize).astype(np.float64), 2)
         body["similarities"] = [
             {"image": encoded.images_keys[i], "text": encoded.texts_keys[j], "score": float(matrix[i, j])}
             for i, j in paired_keys(encoded.images_keys, encoded.texts_keys)

@@ -4,6 +4,7 @@ failures that stay with their own request, and closing."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -245,3 +246,22 @@ def test_closing_fails_the_waiting_requests_instead_of_leaving_them_hanging(gate
     assert not engine.running
     with pytest.raises(EngineStopped):
         engine.embed_texts(["after close"])
+
+
+def test_a_lone_client_never_waits_for_company_but_a_crowd_is_batched(gated):
+    """The batch wait applies only after a batch of many: one client alone pays no max_wait_ms."""
+    engine, backend = gated(max_batch=8, max_wait_ms=60_000)
+    backend.gate.set()
+    started = time.monotonic()
+    for text in ("one", "two", "three"):
+        engine.embed_texts([text])  # each would wait a minute for company if the engine always waited
+    assert time.monotonic() - started < 30 and backend.batches == [("text", 1)] * 3
+    backend.gate.clear()
+    backend.entered.clear()
+    first, _ = in_threads([lambda: engine.embed_texts(["a"])])
+    assert backend.entered.wait(10)  # its forward runs while the others queue behind it
+    crowd, _ = in_threads([lambda t=t: engine.embed_texts([t]) for t in ("b", "c", "d")])
+    wait_until(lambda: engine._queued_items == 3)
+    backend.gate.set()
+    join(first + crowd)
+    assert backend.batches[3:] == [("text", 1), ("text", 3)]
