@@ -49,18 +49,19 @@ def open_engine(settings: RuntimeSettings) -> tuple[Engine, Manifest]:
     Touches no network and exports nothing; raises ModelNotPrepared (naming prepare_model) when the
     model is not on disk or not prepared for this configuration.
     """
-    import torch
-
     source = resolve_model_source(settings.model, settings.models_dir)
     folder, manifest = read_manifest(source, settings)
-    if settings.text_threads > 0:
-        torch.set_num_threads(settings.text_threads)
     preprocessing = Preprocessing(load_processor(source), family=manifest.family, context=manifest.context)
     threads = {"image": settings.image_threads, "text": settings.text_threads}
     torch_models: dict[str, object] = {}
 
+    # torch is imported only where a tower runs on it: elsewhere it would cost each worker ~170 MB.
     def model(dtype: str, weights: Path | None = None):  # once per dtype, only where a tower runs on torch
         if dtype not in torch_models:
+            import torch
+
+            if settings.text_threads > 0:
+                torch.set_num_threads(settings.text_threads)
             device = resolve_device(settings.device)
             torch_models[dtype] = load_model(source, device=device, dtype=dtype, weights=weights)
         return torch_models[dtype]
