@@ -200,6 +200,7 @@ def candidates(settings: RuntimeSettings, device: str) -> list[tuple[str, str, s
 
 
 def unavailable(backend: str, dtype: str, *, forced: bool) -> str | None:
+    """Why this CPU cannot run ``backend``/``dtype``, or runs it slowly unless forced (None: it can)."""
     if backend == "openvino":
         try:
             from embeddings.runtime.backends.openvino import cpu_capabilities

@@ -1,11 +1,13 @@
 """Workers come and go without losing a request silently: SIGTERM drains, SIGKILL is survived.
 
-A request is held in flight deterministically by the batcher: with CLIP_MAX_BATCH=64 and
-CLIP_MAX_WAIT_MS=4000 a lone text waits up to 4 s for batch mates; /metrics says when it is in flight.
+A request is held in flight by its own work: three 7000x7000 PNGs (no JPEG draft to shortcut them),
+decoded and resized one after another, keep it busy for a second or more; /metrics says when it is in
+flight, and the test acts then.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -15,16 +17,28 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from tests.conftest import multipart_body
+from tests.conftest import image_bytes, multipart_body
 from tests.server import raw_http, serving
 
 pytestmark = pytest.mark.server
 
 
+@functools.cache
+def large_png() -> bytes:
+    ramp = np.linspace(0, 255, 7000, dtype=np.uint8)
+    pixels = np.stack(
+        [np.tile(ramp, (7000, 1)), np.tile(ramp[:, None], (1, 7000)), np.full((7000, 7000), 90, np.uint8)], -1
+    )
+    return image_bytes(Image.fromarray(pixels), "PNG", compress_level=1)
+
+
 def request(port: int) -> bytes:
-    body, content_type = multipart_body([("t", "held in flight", None)])
+    parts = [(f"img{i}", large_png(), f"large{i}.png") for i in range(3)] + [("t", "held in flight", None)]
+    body, content_type = multipart_body(parts)
     head = (
         f"POST /syte_test/embeddings HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
         f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -65,8 +79,8 @@ def start_held_request(port: int) -> tuple[threading.Thread, list]:
 
 
 @pytest.fixture
-def slow_batch_server(tmp_path, tiny_model_dir):
-    with serving(tmp_path, tiny_model_dir, CLIP_MAX_BATCH="64", CLIP_MAX_WAIT_MS="4000") as srv:
+def busy_request_server(tmp_path, tiny_model_dir):
+    with serving(tmp_path, tiny_model_dir, CLIP_MAX_REQUEST_PIXELS="200000000") as srv:
         yield srv
 
 
@@ -75,8 +89,8 @@ def worker_pids(master: int) -> list[int]:
     return [int(pid) for pid in children]
 
 
-def test_sigterm_finishes_the_request_in_flight_then_refuses_new_ones(slow_batch_server):
-    srv = slow_batch_server
+def test_sigterm_finishes_the_request_in_flight_then_refuses_new_ones(busy_request_server):
+    srv = busy_request_server
     thread, outcome = start_held_request(srv.port)
     os.kill(srv.proc.pid, signal.SIGTERM)  # the master (scripts/start.sh execs gunicorn)
     thread.join(60)
@@ -88,8 +102,8 @@ def test_sigterm_finishes_the_request_in_flight_then_refuses_new_ones(slow_batch
         socket.create_connection(("127.0.0.1", srv.port), timeout=2).close()
 
 
-def test_a_worker_killed_mid_request_gives_its_client_an_error_and_is_replaced(slow_batch_server):
-    srv = slow_batch_server
+def test_a_worker_killed_mid_request_gives_its_client_an_error_and_is_replaced(busy_request_server):
+    srv = busy_request_server
     (worker,) = worker_pids(srv.proc.pid)
     thread, outcome = start_held_request(srv.port)
     started = time.monotonic()
