@@ -1,6 +1,7 @@
 """The PyTorch backend: the model's own forward, eager, on the CPU or a GPU, float32 or bfloat16.
 
-bfloat16 is the model's weights cast to it (pixels too; the vectors come back float32). On a CPU
+bfloat16 is the model's weights in it, saved once so by prepare_model (``save_weights``), with the
+pixels cast to it and the vectors returned in float32. On a CPU
 with AMX it ran ViT-B/32 4.5x faster than float32, on one with AVX512-BF16 2x; on one with neither,
 2 to 5x slower: prepare_model times it before it chooses it.
 """
