@@ -208,6 +208,10 @@ def measure_backends(model_dir: Path, jpeg_640: list[bytes], seconds: float, thr
                 f"b16 {row['image_b16_per_s']:.1f}/s; texts b1 {1000 * row['text_b1_seconds']:.1f} ms, "
                 f"b32 {row['text_b32_per_s']:.1f}/s; cosine {row['image_cosine']:.5f} / {row['text_cosine']:.5f}"
             )
+        except Exception as exc:  # noqa: BLE001 - reported in the table; the others are still measured
+            row = {"backend": backend, "dtype": dtype, "error": f"{type(exc).__name__}: {exc}"[:200]}
+            rows[-1] = row
+            log(f"bare {backend}/{dtype}: failed ({row['error']})")
         finally:
             opened.close()
     return rows
@@ -216,6 +220,8 @@ def measure_backends(model_dir: Path, jpeg_640: list[bytes], seconds: float, thr
 def best_bare(backends: list[dict]) -> dict:
     """The best faithful bare engine for each measure (each may be a different backend)."""
     faithful = [r for r in backends if r.get("faithful")]
+    if not faithful:
+        raise RuntimeError("no bare engine ran faithfully to float32: see the log above")
 
     def best(key, pick):
         row = pick(faithful, key=lambda r: r[key])
@@ -496,9 +502,9 @@ def run(
 
 def _vector_parity(runs: list[dict], reference: dict[str, np.ndarray]) -> dict:
     """The least cosine of the served vectors (640x480 photos, texts) to transformers' float32 pipeline."""
-    image = next(r for r in runs if r["input"] == "image 640x480" and r["concurrency"] == 1)
-    text = next(r for r in runs if r["input"] == "text" and r["concurrency"] == 1)
-    return {
+    image = next((r for r in runs if r["input"] == "image 640x480" and r["concurrency"] == 1), {})
+    text = next((r for r in runs if r["input"] == "text" and r["concurrency"] == 1), {})
+    return {  # NaN where the run had no single client (--concurrency without 1)
         "image_cosine": cosine_rows(image.get("vectors", {}), reference["image"]),
         "text_cosine": cosine_rows(text.get("vectors", {}), reference["text"]),
     }

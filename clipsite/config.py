@@ -384,10 +384,12 @@ def load(environ: Mapping[str, str], *, base_dir: Path) -> tuple[Config, list[Pr
                     *_TEMPLATE_NEEDS_SLOT,
                 )
             )
-    if v["CLIP_RUNTIME"] and not (environ.get("CLIP_BACKEND") or "").strip():
+    # The old names meant float32 unless CLIP_QUANTIZE=int8: they keep that meaning.
+    new_unset = {name: not (environ.get(name) or "").strip() for name in ("CLIP_BACKEND", "CLIP_DTYPE")}
+    if v["CLIP_RUNTIME"] and new_unset["CLIP_BACKEND"]:
         v["CLIP_BACKEND"] = v["CLIP_RUNTIME"]
-    if v["CLIP_QUANTIZE"] == "int8" and not (environ.get("CLIP_DTYPE") or "").strip():
-        v["CLIP_DTYPE"] = "int8"
+    if (v["CLIP_RUNTIME"] or v["CLIP_QUANTIZE"]) and new_unset["CLIP_DTYPE"]:
+        v["CLIP_DTYPE"] = "int8" if v["CLIP_QUANTIZE"] == "int8" else "float32"
     if v["CLIP_DTYPE"] == "int8" and v["CLIP_BACKEND"] in ("torch", "openvino"):
         bad(_INT8_NEEDS_ONNX, "CLIP_DTYPE")
     if v["CLIP_DTYPE"] == "int8" and v["CLIP_DEVICE"] == "cuda":

@@ -54,11 +54,14 @@ def _import_the_libraries_once() -> None:
     import transformers.configuration_utils  # noqa: F401
     import transformers.models.auto.processing_auto  # noqa: F401
 
-    for name in ("onnxruntime", "openvino"):
-        try:
-            __import__(name)
-        except ImportError:
-            pass
+    try:
+        import onnxruntime  # noqa: F401
+
+        from embeddings.runtime.backends.openvino import load_openvino
+
+        load_openvino()  # its telemetry declined first: no thread forks a process in the master
+    except ImportError:
+        pass
 
 
 _import_the_libraries_once()

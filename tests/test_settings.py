@@ -101,8 +101,10 @@ def test_values_are_parsed_and_derived_once():
 def test_the_old_names_still_choose_when_the_new_ones_are_unset():
     old = {"CLIP_RUNTIME": "onnx", "CLIP_QUANTIZE": "int8"}
     assert (load(old, base_dir=BASE)[0].runtime.backend, load(old, base_dir=BASE)[0].runtime.dtype) == ("onnx", "int8")
-    both = load(old | {"CLIP_BACKEND": "auto", "CLIP_DTYPE": "float32"}, base_dir=BASE)[0].runtime
-    assert (both.backend, both.dtype) == ("auto", "float32")
+    both = load(old | {"CLIP_BACKEND": "auto", "CLIP_DTYPE": "bfloat16"}, base_dir=BASE)[0].runtime
+    assert (both.backend, both.dtype) == ("auto", "bfloat16")
+    torch_only = load({"CLIP_RUNTIME": "torch"}, base_dir=BASE)[0].runtime
+    assert (torch_only.backend, torch_only.dtype) == ("torch", "float32")  # what it meant: float32
 
 
 def test_the_system_check_reports_each_problem_with_its_id(settings):
@@ -127,7 +129,7 @@ def test_nothing_but_settings_reads_the_environment():
         text = path.read_text()
         if "os.environ" in text or "os.getenv" in text:
             readers.append(path.relative_to(root).as_posix())
-    # wsgi.py only sets HF_HUB_OFFLINE, gunicorn.conf.py only PROMETHEUS_MULTIPROC_DIR, for the workers.
+    # wsgi.py only sets HF_HUB_OFFLINE, gunicorn.conf.py PROMETHEUS_MULTIPROC_DIR and HF_HUB_OFFLINE, for the workers.
     assert sorted(readers) == ["clipsite/gunicorn.conf.py", "clipsite/settings.py", "clipsite/wsgi.py"]
 
 

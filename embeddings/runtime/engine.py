@@ -7,8 +7,8 @@ It owns everything between a request and the backends:
   work is dropped;
 - the queue and the batching: one inference thread per engine takes the kind (image or text) of the
   oldest waiting item, gathers up to ``max_batch`` items of that kind (waiting at most ``max_wait_ms``
-  for more while the batch is not full, and only while the last batch of that kind held more than
-  one item: a lone client is never made to wait for company that is not coming), runs one forward
+  for more while the batch is not full, and only while the last batch of that kind held items of more
+  than one request: a lone client is never made to wait for company that is not coming), runs one forward
   and hands each request its rows. A
   request's images and texts are queued together, in one step.
 - failures: a batch that fails is split in halves until the item at fault fails alone, so a bad item
@@ -149,7 +149,7 @@ class Engine:
         self._forward_started: float | None = None
         self._cond = threading.Condition()
         self._queued_items = 0
-        self._company = dict.fromkeys(KINDS, False)  # the last batch of that kind held more than one item
+        self._company = dict.fromkeys(KINDS, False)  # the last batch of that kind held several requests' items
         self._queued_pixels = 0
         self._in_flight: set[_Request] = set()
         self._stopped = False
@@ -340,7 +340,7 @@ class Engine:
                 if batch:
                     # Measured (python manage.py bench): waiting 2 ms cost one client 4 ms a text;
                     # under load, batches of many make the wait pay.
-                    self._company[kind] = len(batch) > 1
+                    self._company[kind] = len({id(item.request) for item in batch}) > 1
                     return kind, batch
 
     def _loop(self) -> None:

@@ -9,7 +9,7 @@ worker that finds no current manifest stops with a message naming prepare_model.
 
 The prepared folder is ``MODEL/clipsite-prepared/`` (or, where the model's folder cannot be written,
 one under CLIP_MODELS_DIR or the temporary folder); it holds one manifest per configuration
-(``manifest-RUNTIME-QUANTIZE-DEVICE.json``) and the exported files.
+(``manifest-BACKEND-DTYPE-DEVICE.json``) and the exported files.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class Manifest:
     logit_scale: float
     logit_bias: float | None
     fingerprint: str
-    requested: dict  # {"runtime", "quantize", "device"}: the configuration it was prepared for
+    requested: dict  # {"backend", "dtype", "device"}: the configuration it was prepared for
     towers: dict  # {"image": {"backend", "dtype", "files"?}, "text": {...}}
     parity: dict  # {"image": min cosine to float32 torch, "text": ...} on the probe set
     faithful: bool  # every tower at or above PARITY_FLOOR
@@ -148,7 +148,20 @@ def read_manifest(source: ModelSource, settings: RuntimeSettings) -> tuple[Path,
         ) from exc
     if manifest.version != MANIFEST_VERSION or manifest.fingerprint != fingerprint(source):
         raise ModelNotPrepared(f"the model's files changed since it was prepared: {PREPARE_HINT}")
+    if "flags" in manifest.cpu and _cpu_key(manifest.cpu) != _cpu_key(_this_cpu()):
+        # The volume moved to another machine: what was fastest (bfloat16 with AMX, say) may be slow here.
+        raise ModelNotPrepared(f"the model was prepared on another CPU ({manifest.cpu['model']}): {PREPARE_HINT}")
     return folder, manifest
+
+
+def _this_cpu() -> dict:
+    from embeddings.runtime.cpu import cpu_features
+
+    return cpu_features()
+
+
+def _cpu_key(cpu: dict) -> tuple:
+    return cpu.get("model"), tuple(cpu.get("flags", ())), cpu.get("cores")
 
 
 def probe_inputs(preprocessing: Preprocessing) -> tuple[np.ndarray, tuple]:
@@ -213,7 +226,11 @@ def unavailable(backend: str, dtype: str, *, forced: bool) -> str | None:
     if backend == "torch" and dtype == "bfloat16" and not forced:
         import torch
 
-        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        from embeddings.runtime.cpu import cpu_features
+
+        # oneDNN's own check also passes where it emulates bfloat16 with plain AVX-512: the flags decide.
+        native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        if not (native and cpu_features()["native_bf16"]):
             return "PyTorch finds no native bfloat16 on this CPU (measured 2-5x slower than float32 there)"
     return None
 
@@ -304,11 +321,12 @@ def _prepare(source: ModelSource, settings: RuntimeSettings, folder: Path) -> Ma
 
 
 def _openvino_version() -> str | None:
+    from embeddings.runtime.backends.openvino import load_openvino
+
     try:
-        import openvino
+        return load_openvino().__version__
     except ImportError:
         return None
-    return openvino.__version__
 
 
 def _timing_inputs(pixels: np.ndarray, preprocessing: Preprocessing) -> dict[str, tuple]:
@@ -384,6 +402,8 @@ def _choose(results: list[dict], settings: RuntimeSettings) -> tuple[dict, dict,
             notes.append(f"{label}, the fastest of {len(faithful)} faithful to float32 (of {len(results)} tried)")
         elif pool is reference:
             notes.append(f"{label}: the float32 reference, as no other candidate reached the parity floor")
+        elif not forced:
+            notes.append(f"{label}: BELOW THE PARITY FLOOR {PARITY_FLOOR[tower]}, the float32 reference having failed")
         else:
             notes.append(
                 f"{label}: FORCED BY {asked}, BELOW THE PARITY FLOOR {PARITY_FLOOR[tower]} "

@@ -254,8 +254,8 @@ def test_a_lone_client_never_waits_for_company_but_a_crowd_is_batched(gated):
     backend.gate.set()
     started = time.monotonic()
     for text in ("one", "two", "three"):
-        engine.embed_texts([text])  # each would wait a minute for company if the engine always waited
-    assert time.monotonic() - started < 30 and backend.batches == [("text", 1)] * 3
+        engine.embed_texts([text, text + "!"])  # each would wait a minute if the engine always waited
+    assert time.monotonic() - started < 30 and backend.batches == [("text", 2)] * 3
     backend.gate.clear()
     backend.entered.clear()
     first, _ = in_threads([lambda: engine.embed_texts(["a"])])
@@ -264,4 +264,4 @@ def test_a_lone_client_never_waits_for_company_but_a_crowd_is_batched(gated):
     wait_until(lambda: engine._queued_items == 3)
     backend.gate.set()
     join(first + crowd)
-    assert backend.batches[3:] == [("text", 1), ("text", 3)]
+    assert backend.batches[3:] == [("text", 1), ("text", 3)]  # the crowd's items in one forward

@@ -221,3 +221,31 @@ def test_the_fingerprint_is_the_same_in_every_process(model_copy):
             check=True,
         )
         assert out.stdout.strip() == here
+
+
+def test_a_manifest_made_on_another_cpu_is_prepared_again(model_copy):
+    """A model volume moved to a machine without AMX must not keep the choice AMX made fastest."""
+    settings = runtime_settings(model_copy)
+    source, manifest = prepare(settings)
+    path = manifest_path(prepared_dir(source.model_dir, MODELS), settings)
+    moved = json.loads(path.read_text())
+    moved["cpu"] = moved["cpu"] | {"model": "Some Other CPU", "flags": ["amx_bf16", "avx512_bf16"]}
+    path.write_text(json.dumps(moved))
+    with pytest.raises(ModelNotPrepared, match="another CPU"):
+        read_manifest(source, settings)
+    again = prepare(settings)[1]
+    assert again.cpu == manifest.cpu and again.prepared_at > manifest.prepared_at
+
+
+def test_openvino_is_imported_with_its_telemetry_declined(tmp_path):
+    """Importing openvino would send a usage event; the backend declines first where nobody chose."""
+    import subprocess
+    import sys
+
+    code = "from embeddings.runtime.backends.openvino import load_openvino; load_openvino()"
+    env = {**os.environ, "HOME": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, timeout=120)
+    assert (tmp_path / "intel" / "openvino_telemetry").read_text().strip() == "0"
+    (tmp_path / "intel" / "openvino_telemetry").write_text("1")  # an explicit choice is kept
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, timeout=120)
+    assert (tmp_path / "intel" / "openvino_telemetry").read_text().strip() == "1"

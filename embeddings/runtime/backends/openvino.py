@@ -26,6 +26,31 @@ logger = logging.getLogger(__name__)
 PRECISIONS = {"float32": "f32", "bfloat16": "bf16"}
 
 
+def load_openvino():
+    """The openvino module, imported with its telemetry declined where the user has not decided.
+
+    Importing openvino sends a usage event (openvino_telemetry, from a thread that forks a process)
+    unless a consent file says no; a server must not call out, nor fork from a thread before gunicorn
+    forks its workers. The consent file is the package's own opt-out (``opt_in_out --opt_out``); an
+    explicit choice already there is kept.
+    """
+    import sys
+
+    if "openvino" not in sys.modules:
+        try:
+            from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+
+            checker = OptInChecker()
+            if checker.consent_file_base_dir() and not os.path.exists(checker.consent_file()):
+                if checker.create_or_check_consent_dir():
+                    checker.update_result(ConsentCheckResult.DECLINED)
+        except Exception:  # noqa: BLE001 - no telemetry package, or no home to write in: nothing to decline
+            pass
+    import openvino
+
+    return openvino
+
+
 def convert_to_ir(folder: Path, onnx_files: dict[str, str]) -> dict[str, str]:
     """Each tower's ONNX export as OpenVINO's own format (``image.xml`` + ``image.bin``) in ``folder``
     (the caller holds its lock), made again only when the export is newer. Returns {tower: xml name}.
@@ -34,7 +59,7 @@ def convert_to_ir(folder: Path, onnx_files: dict[str, str]) -> dict[str, str]:
     once for every worker, where from ONNX each worker copies them (measured, ViT-B/32 image tower on
     bfloat16: 389 MB private per worker from IR, 722 MB from ONNX, the same speed).
     """
-    import openvino
+    openvino = load_openvino()
 
     names = {}
     for tower, name in onnx_files.items():
@@ -51,7 +76,7 @@ def convert_to_ir(folder: Path, onnx_files: dict[str, str]) -> dict[str, str]:
 
 def cpu_capabilities() -> set[str]:
     """What OpenVINO's CPU plugin says this CPU computes natively ({"FP32", "BF16", "INT8", ...})."""
-    import openvino
+    openvino = load_openvino()
 
     return set(openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
@@ -72,7 +97,7 @@ class OpenVinoBackend:
         dtype: str = "float32",
         vocabulary: int | None = None,
     ):
-        import openvino
+        openvino = load_openvino()
 
         if dtype not in PRECISIONS:
             raise ValueError(f"OpenVINO runs float32 or bfloat16, not {dtype}")
