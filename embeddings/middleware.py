@@ -13,6 +13,7 @@ from django.urls import Resolver404, resolve
 
 from embeddings import errors, metrics, multipart, views
 from embeddings.logs import RequestStats, current_request_id, current_request_stats, log_request
+from embeddings.runtime.state import runtime
 
 API_PREFIX = "/syte_test/"
 _PRINTABLE = re.compile(r"^[\x20-\x7e]{1,128}$")
@@ -64,7 +65,8 @@ class ApiEdgeMiddleware:
             stats_token = current_request_stats.set(stats)  # the services note its items and batches
             metrics.IN_FLIGHT.inc()
             try:
-                response = self.get_response(request)
+                with runtime.admitted():  # in flight before a SIGTERM: it finishes, drain or not
+                    response = self.get_response(request)
             finally:
                 metrics.IN_FLIGHT.dec()
                 current_request_stats.reset(stats_token)

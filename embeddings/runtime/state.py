@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -104,12 +105,24 @@ class Runtime:
         self.process_seconds_to_ready: float | None = None
         self.settings: RuntimeSettings | None = None
         self.manifest: Manifest | None = None
+        self._admitted = threading.local()  # this thread's request started while ready
 
     def engine(self) -> Engine:
         engine = self._engine
-        if engine is None or self.status != "ready":
+        admitted = self.status == "draining" and getattr(self._admitted, "yes", False)
+        if engine is None or not (self.status == "ready" or admitted):
             raise RuntimeNotReady(self.error or self.status)
         return engine
+
+    @contextlib.contextmanager
+    def admitted(self):
+        """Around one request: one that starts while the process serves keeps the engine to its end,
+        even if draining begins meanwhile (it may still be reading its upload); later ones get 503."""
+        self._admitted.yes = self.status == "ready"
+        try:
+            yield
+        finally:
+            self._admitted.yes = False
 
     @property
     def ready(self) -> bool:

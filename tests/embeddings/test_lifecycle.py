@@ -131,9 +131,11 @@ def test_readiness_fails_while_draining(tiny_model_dir):
     rt = Runtime()
     try:
         engine = rt.load(settings)
-        rt.drain()
+        with rt.admitted():  # a request already in flight (still reading its upload, say) when SIGTERM comes
+            rt.drain()
+            assert rt.engine() is engine
         assert not rt.ready and rt.status == "draining"
-        with pytest.raises(RuntimeNotReady):
+        with rt.admitted(), pytest.raises(RuntimeNotReady):  # one that starts while draining
             rt.engine()
         assert engine.embed_texts(["a request already holding the engine finishes"]).shape[0] == 1
     finally:
