@@ -510,8 +510,9 @@ def _vector_parity(runs: list[dict], reference: dict[str, np.ndarray]) -> dict:
     }
 
 
-def _run(runs: list[dict], name: str, c: int) -> dict:
-    return next(r for r in runs if r["input"] == name and r["concurrency"] == c)
+def _run(runs: list[dict], name: str, c: int) -> dict | None:
+    """The run's row for ``name`` at ``c`` clients, or None where it did not measure it."""
+    return next((r for r in runs if r["input"] == name and r["concurrency"] == c), None)
 
 
 def targets(report: dict) -> list[dict]:
@@ -523,17 +524,14 @@ def targets(report: dict) -> list[dict]:
     def add(name, value, goal, ok):
         rows.append({"target": name, "value": value, "goal": goal, "met": bool(ok)})
 
-    def rate(name, c):  # the run's row, or None where it did not measure it (fewer client counts)
-        return next((r for r in runs if r["input"] == name and r["concurrency"] == c), None)
-
     for size, goal in (("image 640x480", 0.50), ("image 4000x3000", 0.40)):
-        if row := rate(size, 16):
+        if row := _run(runs, size, 16):
             ratio = row["per_s"] / best["image_b16_per_s"]["value"]
             add(f"{size} c=16 / best bare images/s", round(ratio, 3), f">= {goal}", ratio >= goal)
-    if row := rate("text", 16):
+    if row := _run(runs, "text", 16):
         ratio = row["per_s"] / best["text_b32_per_s"]["value"]
         add("short text c=16 / best bare texts/s", round(ratio, 3), ">= 0.40", ratio >= 0.40)
-    if row := rate("image 640x480", 1):
+    if row := _run(runs, "image 640x480", 1):
         budget = 1000 * best["image_b1_seconds"]["value"] + 10
         add(
             "image 640x480 c=1 p50 ms (best bare batch 1 + 10 ms)",
@@ -541,7 +539,7 @@ def targets(report: dict) -> list[dict]:
             f"<= {budget:.1f}",
             row["p50_ms"] <= budget,
         )
-    if row := rate("text", 1):
+    if row := _run(runs, "text", 1):
         add("short text c=1 p50 ms", round(row["p50_ms"], 1), "<= 8", row["p50_ms"] <= 8)
         # On the AMX machine the issue measured, 8 ms left 3.7 ms above the bare batch-1 text forward.
         overhead = row["p50_ms"] - 1000 * best["text_b1_seconds"]["value"]

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from clipsite.config import RuntimeSettings
+from embeddings.runtime.cpu import cpu_features
 from embeddings.runtime.loading import (
     PREPARE_HINT,
     ModelLoadError,
@@ -148,16 +149,10 @@ def read_manifest(source: ModelSource, settings: RuntimeSettings) -> tuple[Path,
         ) from exc
     if manifest.version != MANIFEST_VERSION or manifest.fingerprint != fingerprint(source):
         raise ModelNotPrepared(f"the model's files changed since it was prepared: {PREPARE_HINT}")
-    if "flags" in manifest.cpu and _cpu_key(manifest.cpu) != _cpu_key(_this_cpu()):
+    if "flags" in manifest.cpu and _cpu_key(manifest.cpu) != _cpu_key(cpu_features()):
         # The volume moved to another machine: what was fastest (bfloat16 with AMX, say) may be slow here.
         raise ModelNotPrepared(f"the model was prepared on another CPU ({manifest.cpu['model']}): {PREPARE_HINT}")
     return folder, manifest
-
-
-def _this_cpu() -> dict:
-    from embeddings.runtime.cpu import cpu_features
-
-    return cpu_features()
 
 
 def _cpu_key(cpu: dict) -> tuple:
@@ -226,8 +221,6 @@ def unavailable(backend: str, dtype: str, *, forced: bool) -> str | None:
     if backend == "torch" and dtype == "bfloat16" and not forced:
         import torch
 
-        from embeddings.runtime.cpu import cpu_features
-
         # oneDNN's own check also passes where it emulates bfloat16 with plain AVX-512: the flags decide.
         native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
         if not (native and cpu_features()["native_bf16"]):
@@ -252,7 +245,6 @@ def _prepare(source: ModelSource, settings: RuntimeSettings, folder: Path) -> Ma
     import transformers
 
     from embeddings.runtime.backends.torch import TorchBackend
-    from embeddings.runtime.cpu import cpu_features
 
     device = resolve_device(settings.device)
     processor = load_processor(source)
