@@ -72,11 +72,20 @@ def post_fork(server, worker):
 
 
 def post_worker_init(worker):
-    """SIGTERM drains: readiness fails first (so a balancer stops sending), then gunicorn's own handler
-    stops accepting and lets the requests in flight finish within graceful_timeout."""
+    """A replacement worker takes connections only once its model is loaded (its siblings serve
+    meanwhile). SIGTERM drains: readiness fails first (so a balancer stops sending), then gunicorn's
+    own handler stops accepting and lets the requests in flight finish within graceful_timeout."""
     import signal
 
     from embeddings.runtime.state import runtime
+
+    def keep_waiting() -> bool:
+        worker.notify()  # the master's heartbeat: a long load must not look like a hung worker
+        return worker.alive
+
+    if coordination.wait_for_siblings(lambda: runtime.status != "loading", keep_waiting):
+        worker.log.info("Worker %s loaded its model while its siblings served: now taking connections", worker.pid)
+    coordination.mark_accepting()
 
     stop = signal.getsignal(signal.SIGTERM)
 

@@ -252,9 +252,18 @@ class HealthSerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=["ok"])
 
 
+class WorkersSerializer(serializers.Serializer):
+    ready = serializers.IntegerField()
+    loading = serializers.IntegerField(help_text="Taking connections while their model still loads.")
+
+
+WORKERS_HELP = "Under gunicorn: this server's workers. Ready only once none that takes connections still loads."
+
+
 class NotReadySerializer(serializers.Serializer):
-    status = serializers.ChoiceField(choices=["idle", "loading", "failed"])
+    status = serializers.ChoiceField(choices=["idle", "loading", "draining", "failed"])
     ready = serializers.BooleanField()
+    workers = WorkersSerializer(required=False, help_text=WORKERS_HELP)
 
 
 class CpuSerializer(serializers.Serializer):
@@ -281,6 +290,7 @@ class MeasuredSerializer(serializers.Serializer):
 class ReadySerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=["ready"])
     ready = serializers.BooleanField()
+    workers = WorkersSerializer(required=False, help_text=WORKERS_HELP)
     model = serializers.CharField()
     family = serializers.CharField()
     dim = serializers.IntegerField()

@@ -103,8 +103,11 @@ def healthz(request):
 
 
 def readyz(request):
-    body = {"status": runtime.status, "ready": runtime.ready}
-    if runtime.ready:
+    ready, status, workers = runtime.readiness()
+    body = {"status": status, "ready": ready}
+    if workers is not None:
+        body["workers"] = workers
+    if ready:
         engine, manifest = runtime.engine(), runtime.manifest
         body |= {
             "model": engine.name,
@@ -121,7 +124,7 @@ def readyz(request):
             "cpu": manifest.cpu,
             "measured": [{k: v for k, v in c.items() if k not in ("files", "vocabulary")} for c in manifest.candidates],
         }
-    return JsonResponse(body, status=200 if runtime.ready else 503)
+    return JsonResponse(body, status=200 if ready else 503)
 
 
 def api_not_found(request, *args, **kwargs):

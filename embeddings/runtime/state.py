@@ -11,6 +11,7 @@ from pathlib import Path
 
 from clipsite.config import RuntimeSettings
 from embeddings import metrics
+from embeddings.runtime import coordination
 from embeddings.runtime.backends import open_backend
 from embeddings.runtime.engine import Engine, EngineSettings, ModelInfo
 from embeddings.runtime.loading import load_model, load_processor, resolve_device, resolve_model_source
@@ -128,10 +129,27 @@ class Runtime:
     def ready(self) -> bool:
         return self._engine is not None and self.status == "ready"
 
+    def readiness(self) -> tuple[bool, str, dict[str, int] | None]:
+        """(ready, status, the server's workers: how many ready, how many loading; None outside gunicorn).
+
+        Ready when this worker is, and no sibling that takes connections still loads: a balancer told
+        "ready" would send requests that the kernel may hand to that sibling, to get 503.
+        """
+        others = coordination.siblings()
+        if others is None:
+            return self.ready, self.status, None
+        waiting = others["loading"] > 0
+        workers = {
+            "ready": others["ready"] + int(self.ready),
+            "loading": others["loading"] + int(self.status == "loading"),
+        }
+        return self.ready and not waiting, "loading" if self.ready and waiting else self.status, workers
+
     def drain(self) -> None:
         """The process is stopping: /readyz fails and new requests get 503; those in flight finish."""
         if self.status == "ready":
             self.status = "draining"
+        coordination.mark_leaving()
 
     # --- liveness --------------------------------------------------------------------------------
     def health_problem(self) -> str | None:
@@ -153,6 +171,7 @@ class Runtime:
             return True
         logger.critical("This worker cannot serve any more (%s): failing its requests and leaving", problem)
         self.status, self.error = "failed", problem
+        coordination.mark_leaving()
         self._engine.abort(problem)
         on_unhealthy(problem)
         return False
@@ -177,6 +196,7 @@ class Runtime:
                     raise
             except Exception as exc:
                 self.status, self.error = "failed", str(exc)
+                coordination.mark_leaving()
                 raise
             if engine.is_test_model:
                 logger.warning(
@@ -187,6 +207,7 @@ class Runtime:
             if not manifest.faithful:
                 logger.warning("The backend is below the parity floor: %s. %s", manifest.describe(), manifest.note)
             self._engine, self.status, self.settings, self.manifest = engine, "ready", settings, manifest
+            coordination.mark_ready()
             self.ready_seconds = time.monotonic() - self.started_at
             metrics.MODEL_LOAD_SECONDS.set(self.ready_seconds)
             self.process_seconds_to_ready = process_age()
@@ -199,6 +220,7 @@ class Runtime:
         with self._lock:
             if self._thread is not None or self._engine is not None:
                 return
+            self.status = "loading"  # from now: a worker waiting for its model sees it (wait_for_siblings)
             self._thread = threading.Thread(
                 target=self._load_in_background,
                 args=(settings, on_failure, on_unhealthy),

@@ -59,3 +59,60 @@ def test_torch_uses_every_core_for_images_only_while_the_others_are_idle(shared,
     assert backend.threads_for("image") == 4 and backend.threads_for("text") == 1
     shared[3] = 1
     assert backend.threads_for("image") == 1 and backend.threads_for("text") == 1
+
+
+# --- readiness: no worker answers 503 while a sibling could serve ------------------------------------
+def test_each_worker_state_counts_for_its_siblings_and_leaves_with_it(shared):
+    assert coordination.siblings() == {"ready": 0, "loading": 0}
+    coordination.mark_accepting()  # this worker (slot 1) takes connections while loading
+    shared[coordination.SLOTS + 2] = coordination.READY
+    shared[coordination.SLOTS + 3] = coordination.LOADING
+    assert coordination.siblings() == {"ready": 1, "loading": 1}  # never itself
+    coordination.clear_slot(3)  # the master, when worker 3 exits
+    assert coordination.siblings() == {"ready": 1, "loading": 0}
+    coordination.mark_ready()
+    coordination.mark_accepting()  # the model was ready before the worker took connections: stays ready
+    assert shared[coordination.SLOTS + 1] == coordination.READY
+    coordination.mark_leaving()
+    assert shared[coordination.SLOTS + 1] == coordination.ABSENT
+
+
+def test_the_first_workers_take_connections_at_once_so_the_probes_answer(shared):
+    shared[coordination.SLOTS + 2] = coordination.LOADING  # a sibling loading too: nobody serves yet
+    assert coordination.wait_for_siblings(lambda: False, lambda: pytest.fail("must not wait")) is False
+
+
+def test_a_replacement_waits_for_its_model_while_a_sibling_serves(shared):
+    shared[coordination.SLOTS + 2] = coordination.READY
+    looks = []
+
+    def loaded() -> bool:
+        looks.append(1)
+        return len(looks) > 3
+
+    beats = []
+    assert coordination.wait_for_siblings(loaded, lambda: beats.append(1) or True) is True
+    assert len(looks) == 4 and beats  # gunicorn's heartbeat went on while it waited
+
+
+def test_a_replacement_stops_waiting_when_told_to_or_when_no_sibling_serves(shared):
+    shared[coordination.SLOTS + 2] = coordination.READY
+    assert coordination.wait_for_siblings(lambda: False, lambda: False) is True  # SIGTERM: worker.alive false
+
+    def sibling_leaves() -> bool:
+        coordination.clear_slot(2)
+        return True
+
+    assert coordination.wait_for_siblings(lambda: False, sibling_leaves) is True  # ends: the probes need it
+
+
+def test_readyz_waits_for_a_sibling_that_takes_connections_while_loading(shared, client, clip):
+    shared[coordination.SLOTS + 2] = coordination.READY
+    body = client.get("/readyz").json()
+    assert body["ready"] is True and body["workers"] == {"ready": 2, "loading": 0}
+    shared[coordination.SLOTS + 3] = coordination.LOADING
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json() == {"status": "loading", "ready": False, "workers": {"ready": 2, "loading": 1}}
+    coordination.clear_slot(3)
+    assert client.get("/readyz").status_code == 200

@@ -140,3 +140,36 @@ def test_readiness_fails_while_draining(tiny_model_dir):
         assert engine.embed_texts(["a request already holding the engine finishes"]).shape[0] == 1
     finally:
         rt.close()
+
+
+def test_a_replacement_worker_takes_no_request_until_its_model_is_loaded(tmp_path, tiny_model_dir):
+    """Its sibling serves meanwhile: no client sees the 503 a loading worker would answer."""
+    body, content_type = multipart_body([("t", "while a worker is replaced", None)])
+    head = (
+        f"POST /syte_test/embeddings HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    with serving(tmp_path, tiny_model_dir, WEB_CONCURRENCY="2", WEB_THREADS="2") as srv:
+        wait_for(lambda: srv.wait_ready().get("workers") == {"ready": 2, "loading": 0}, timeout=60)
+        first = worker_pids(srv.proc.pid)
+        os.kill(first[0], signal.SIGKILL)
+        statuses: list[int] = []
+        replaced = threading.Event()
+
+        def send():
+            while not replaced.is_set():
+                statuses.append(raw_http(srv.port, head.encode() + body, timeout=30)[0])
+
+        senders = [threading.Thread(target=send) for _ in range(3)]
+        for t in senders:
+            t.start()
+        try:
+            wait_for(lambda: srv.output().count("ready in") >= 3, timeout=60)
+            for _ in range(20):  # and the replacement serves its share afterwards
+                statuses.append(raw_http(srv.port, head.encode() + body, timeout=30)[0])
+        finally:
+            replaced.set()
+            for t in senders:
+                t.join(60)
+        assert len(worker_pids(srv.proc.pid)) == 2 and first[0] not in worker_pids(srv.proc.pid)
+        assert statuses and set(statuses) == {200}, statuses
