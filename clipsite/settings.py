@@ -87,7 +87,9 @@ TEMPLATES = [
 
 _default_db = f"sqlite:///{BASE_DIR / 'var' / 'db.sqlite3'}"
 try:
-    DATABASES = {"default": dj_database_url.parse(CLIPSITE.database_url, conn_max_age=60)}
+    # Persistent connections (one per worker thread, kept 60 s), checked before each request reuses one:
+    # a connection the database closed (a restart, a failover) costs a reconnect, not a failed request.
+    DATABASES = {"default": dj_database_url.parse(CLIPSITE.database_url, conn_max_age=60, conn_health_checks=True)}
 except Exception:  # noqa: BLE001 - any parse failure is a configuration error
     CLIPSITE_PROBLEMS.append(
         Problem(
@@ -115,6 +117,14 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     )
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # psycopg 3. As with SQLite's busy timeout: an unreachable server or a held lock becomes a quick
+    # error (the wearable then answers from memory), not a request stalled for a minute. A URL's own
+    # ?connect_timeout= or ?options= wins.
+    _pg = DATABASES["default"].setdefault("OPTIONS", {})
+    _pg.setdefault("connect_timeout", 3)
+    _pg.setdefault("options", f"-c lock_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up: .venv with the pinned packages (reinstalled only when requirements change);
-# with --dev, the test tools and Debian's Chromium for the browser tests.
+# with --dev, the test tools, Debian's Chromium for the browser tests and PostgreSQL for the database pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=0
@@ -15,12 +15,17 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install --quiet -r "$reqs"
   touch "$stamp"
 fi
-if [ $dev = 1 ] && [ ! -x /usr/bin/chromium ]; then
+missing=()
+if [ $dev = 1 ]; then
+  [ -x /usr/bin/chromium ] || missing+=(chromium)
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null || missing+=(postgresql)
+fi
+if [ ${#missing[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null; then
     SUDO=""
     [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "setup: /usr/bin/chromium is missing and apt-get is not available; browser tests will be skipped" >&2
+    echo "setup: ${missing[*]} missing and apt-get is not available; their tests will be skipped" >&2
   fi
 fi

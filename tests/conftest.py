@@ -175,3 +175,16 @@ def multipart_body(parts: list[tuple], boundary: str = "clipsiteboundary") -> tu
         out.write(b"\r\n")
     out.write(f"--{boundary}--\r\n".encode())
     return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+# --- the PostgreSQL pass: the tests that touch the database ------------------------------------------
+DATABASE_FIXTURES = {"db", "transactional_db", "django_db_setup", "admin_client", "admin_user", "django_user_model"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark ``database`` every test that touches the database (a database fixture or django_db), so
+    ``scripts/with-postgres.sh python -m pytest -m database`` runs them all again on PostgreSQL; server
+    tests that use the database carry the mark themselves."""
+    for item in items:
+        if item.get_closest_marker("django_db") or DATABASE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.database)

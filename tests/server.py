@@ -85,12 +85,29 @@ def serving(tmp: Path, model: str | Path, **env: str):
         srv.stop()
 
 
+def fresh_database(tmp: Path) -> str:
+    """A new, empty database for one server (or several sharing it): a SQLite file in ``tmp``, or, when
+    the suite runs against PostgreSQL (DATABASE_URL=postgres://..., scripts/with-postgres.sh), a new
+    database on that server."""
+    url = os.environ.get("DATABASE_URL", "")
+    if not url.startswith(("postgres://", "postgresql://")):
+        return f"sqlite:///{tmp / 'db.sqlite3'}"
+    import uuid
+
+    import psycopg
+
+    name = f"clipsite_server_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"{url.rsplit('/', 1)[0]}/{name}"
+
+
 def server_env(tmp: Path, model: str | Path, **extra: str) -> dict[str, str]:
     return {
         "PORT": str(free_port()),
         "CLIP_MODEL": str(model),
         "CLIP_MODELS_DIR": str(tmp / "models"),
-        "DATABASE_URL": f"sqlite:///{tmp / 'db.sqlite3'}",
+        "DATABASE_URL": fresh_database(tmp),
         "DJANGO_DEBUG": "false",
         "DJANGO_SETTINGS_MODULE": "clipsite.settings",
         "WEB_CONCURRENCY": "1",

@@ -9,8 +9,12 @@ in-memory database.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sqlite3
+import subprocess
+import sys
 import time
 
 import pytest
@@ -20,6 +24,7 @@ from django.db import DEFAULT_DB_ALIAS, OperationalError, connection, connection
 from django.db.utils import load_backend
 
 from tests.conftest import photo_bytes
+from tests.server import ROOT
 from tests.wearable.conftest import post_wearable, upload
 from wearable import services
 from wearable.models import Prediction
@@ -148,3 +153,31 @@ def test_embeddings_never_touch_the_database(client, clip, jpeg, django_assert_n
     with django_assert_num_queries(0):
         response = client.post("/syte_test/embeddings", data={"image-1": upload(jpeg), "text-1": "a photo of a cat"})
     assert response.status_code == 200, response.content
+
+
+# --- PostgreSQL (the suite's second pass: scripts/with-postgres.sh) -----------------------------------
+def test_database_url_postgres_gives_psycopg3_persistent_health_checked_connections(tmp_path):
+    code = "from clipsite import settings; import json; print(json.dumps(settings.DATABASES['default']))"
+    env = {**os.environ, "DATABASE_URL": "postgres://clip:pw@db.internal:5433/clipsite?sslmode=require"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    db = json.loads(done.stdout)
+    assert db["ENGINE"] == "django.db.backends.postgresql" and (db["HOST"], db["PORT"], db["NAME"]) == (
+        "db.internal",
+        5433,
+        "clipsite",
+    )
+    assert db["CONN_MAX_AGE"] == 60 and db["CONN_HEALTH_CHECKS"] is True
+    assert db["OPTIONS"] == {"sslmode": "require", "connect_timeout": 3, "options": "-c lock_timeout=2000"}
+
+
+@pytest.mark.django_db
+def test_on_postgresql_a_held_lock_is_a_quick_error_not_a_stall():
+    if connection.vendor != "postgresql":
+        pytest.skip("DATABASE_URL is not PostgreSQL (test.sh's second pass runs this)")
+    import psycopg
+
+    assert psycopg.__version__.startswith("3.") and connection.Database is psycopg
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW lock_timeout")
+        assert cursor.fetchone()[0] == f"{django_settings.SQLITE_BUSY_TIMEOUT_S}s"

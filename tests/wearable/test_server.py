@@ -13,7 +13,7 @@ import requests
 from tests.conftest import photo_bytes
 from tests.server import ROOT, Server, server_env
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.database]
 
 PASSWORD = "wearable-staff-pw-8431"
 
