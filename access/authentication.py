@@ -38,6 +38,20 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
         return 'Bearer realm="clipsite"'
 
 
+class OpenAiKeyAuthentication(ApiKeyAuthentication):
+    """The OpenAI-compatible paths: OpenAI's SDKs always send some key, so where none is required an
+    unknown one is taken as no key (as vLLM and infinity do); a known key still counts as itself, and
+    with CLIP_REQUIRE_API_KEY a wrong key is the 401 it is everywhere."""
+
+    def authenticate(self, request):
+        try:
+            return super().authenticate(request)
+        except exceptions.AuthenticationFailed:
+            if current().access.require_api_key:
+                raise
+            return None
+
+
 def demo_token(user) -> str:
     """What the demo page's script sends for its logged-in staff user (the page holds it; other sites
     cannot read it, so it is no CSRF hole)."""

@@ -210,7 +210,19 @@ _DRF_CODES = {
 }
 
 
-def error_body(request_id: str | None, code: str, message: str, key: str | None = None) -> dict:
+OPENAI_PREFIX = "/v1/"
+# OpenAI's error types, by status: its SDKs raise their exception classes from the status alone.
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
+
+
+def error_body(
+    request_id: str | None, code: str, message: str, key: str | None = None, *, status: int = 400, path: str = ""
+) -> dict:
+    """The one error shape; on the OpenAI-compatible paths (/v1/) in OpenAI's: the same code and
+    message, ``param`` for our ``key``, and ``type`` from the status."""
+    if path.startswith(OPENAI_PREFIX):
+        kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        return {"request_id": request_id, "error": {"message": message, "type": kind, "param": key, "code": code}}
     return {"request_id": request_id, "error": {"code": code, "message": message, "key": key}}
 
 
@@ -246,7 +258,10 @@ def api_exception_handler(exc: Exception, context: dict) -> Response:
         logger.exception("Unhandled error in %s", context.get("view").__class__.__name__)
         error = InternalError()
         status_code, code, message, key = error.status_code, error.code, error.message, None
-    response = Response(error_body(request_id, code, message, key), status=status_code, headers=headers)
+    request = context.get("request")
+    path = request.path_info if request is not None else ""
+    body = error_body(request_id, code, message, key, status=status_code, path=path)
+    response = Response(body, status=status_code, headers=headers)
     response.error_code = code  # what the edge middleware counts the rejection under
     if request_id:
         response["request_id"] = request_id
@@ -286,6 +301,16 @@ def _plain_detail(detail) -> str:
     if isinstance(detail, dict):
         return " ".join(f"{k}: {_plain_detail(v)}" for k, v in detail.items())
     return str(detail)
+
+
+# --- The OpenAI-compatible API (/v1/) --------------------------------------------------------------
+class UnknownModel(NotFound):
+    default_code = "model_not_found"
+    default_detail = "This server serves another model: GET /v1/models names it."
+
+
+class DimensionsUnsupported(BadRequest):
+    default_code = "dimensions_unsupported"
 
 
 # --- The wearable API (wearable/) ------------------------------------------------------------------

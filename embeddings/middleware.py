@@ -15,7 +15,7 @@ from embeddings import errors, metrics, multipart, views
 from embeddings.logs import RequestStats, current_request_id, current_request_stats, log_request
 from embeddings.runtime.state import runtime
 
-API_PREFIX = "/syte_test/"
+API_PREFIXES = ("/syte_test/", errors.OPENAI_PREFIX)
 _PRINTABLE = re.compile(r"^[\x20-\x7e]{1,128}$")
 # The original spec names the header request_id; gunicorn passes it on with header_map="dangerous".
 _REQUEST_ID_HEADERS = ("HTTP_REQUEST_ID", "HTTP_X_REQUEST_ID")
@@ -54,7 +54,7 @@ class ApiEdgeMiddleware:
         if probe is not None and request.method in ("GET", "HEAD"):
             return _with_length(probe(request))
         started = time.perf_counter()
-        if request.path_info.startswith(API_PREFIX):
+        if request.path_info.startswith(API_PREFIXES):
             raw = next((request.META[h] for h in _REQUEST_ID_HEADERS if request.META.get(h)), None)
             request.request_id = clean_request_id(raw)
         request_id = getattr(request, "request_id", None)
@@ -119,7 +119,8 @@ def _refuse_oversized_body(request, request_id: str | None):
         multipart.check_declared_length(request.META)
     except errors.ApiError as exc:
         if request_id is not None:
-            response = JsonResponse(errors.error_body(request_id, exc.code, exc.message), status=exc.status_code)
+            body = errors.error_body(request_id, exc.code, exc.message, status=exc.status_code, path=request.path_info)
+            response = JsonResponse(body, status=exc.status_code)
             response["request_id"] = request_id
         else:
             response = HttpResponse(exc.message, status=exc.status_code, content_type="text/plain; charset=utf-8")

@@ -32,6 +32,7 @@ WEARABLE_ERRORS = (
     errors.DatabaseUnavailable,
 )
 FEEDBACK_ERRORS = (errors.UnknownRequestId, errors.UnknownCategory, errors.InvalidFeedback)
+OPENAI_ERRORS = (errors.UnknownModel, errors.DimensionsUnsupported)
 # What a multipart endpoint never answers: a JSON body's error, and 404 (its path exists).
 NOT_FROM_PARTS = (errors.NotFound, errors.MalformedRequest)
 # What feedback never answers: errors of parts (ours is not its multipart reader), images and the model.
@@ -91,6 +92,7 @@ def error_table() -> dict[str, int]:
 
 # The schema's enum of codes (SPECTACULAR_SETTINGS["ENUM_NAME_OVERRIDES"] names it ErrorCodeEnum).
 ERROR_CODES = sorted(error_table())
+ENCODINGS = ["float", "base64"]  # the embeddings endpoint's encoding, the OpenAI one's encoding_format
 
 
 class ErrorDetailSerializer(serializers.Serializer):
@@ -122,15 +124,15 @@ _STATUS_WORDS = {
 }
 
 
-def error_responses(*, extra=(), without=()) -> dict[int, OpenApiResponse]:
+def error_responses(*, extra=(), without=(), serializer=None) -> dict[int, OpenApiResponse]:
     """The error responses of an operation: the generic errors less ``without``, plus ``extra``; each
     status with the codes it may carry."""
-    generic = [c for c in _error_classes() if not issubclass(c, WEARABLE_ERRORS + FEEDBACK_ERRORS)]
+    generic = [c for c in _error_classes() if not issubclass(c, WEARABLE_ERRORS + FEEDBACK_ERRORS + OPENAI_ERRORS)]
     classes = [c for c in generic if not issubclass(c, tuple(without))] + list(extra)
     entries = [(c.default_code, c.status_code) for c in classes] + _drf_only()
     return {
         status: OpenApiResponse(
-            ErrorSerializer,
+            serializer or ErrorSerializer,
             description=f"{_STATUS_WORDS.get(status, 'Error')}. Codes: " + ", ".join(f"`{c}`" for c in codes) + ".",
         )
         for status, codes in sorted(_codes_by_status(entries).items())
@@ -203,7 +205,7 @@ class EmbeddingsAnswerSerializer(serializers.Serializer):
     model = serializers.CharField()
     dim = serializers.IntegerField()
     normalized = serializers.BooleanField()
-    encoding = serializers.ChoiceField(choices=["float", "base64"])
+    encoding = serializers.ChoiceField(choices=ENCODINGS)
     texts_vectors = serializers.ListField(child=VectorField(), help_text="In the order the text parts came.")
     images_vectors = serializers.ListField(child=VectorField(), help_text="In the order the image parts came.")
     texts_keys = serializers.ListField(child=serializers.CharField())
@@ -369,6 +371,7 @@ class ApiKeyScheme(OpenApiAuthenticationExtension):
     """How a client presents its key: ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``."""
 
     target_class = "access.authentication.ApiKeyAuthentication"
+    match_subclasses = True  # the OpenAI-compatible paths' (which take an unknown key as none where none is required)
     name = ["ApiKey", "ApiKeyHeader"]
 
     def get_security_definition(self, auto_schema):
@@ -381,3 +384,112 @@ class ApiKeyScheme(OpenApiAuthenticationExtension):
         either = [{"ApiKey": []}, {"ApiKeyHeader": []}]
         # Without CLIP_REQUIRE_API_KEY a request without a key is served too (a wrong key never is).
         return either if current().access.require_api_key else [*either, {}]
+
+
+# --- The OpenAI-compatible API (/v1/) --------------------------------------------------------------
+class OpenAiErrorDetailSerializer(serializers.Serializer):
+    message = serializers.CharField()
+    type = serializers.CharField(help_text="OpenAI's error type, from the status.")
+    param = serializers.CharField(allow_null=True, help_text="The field (or input[i]) at fault, where there is one.")
+    code = serializers.ChoiceField(choices=ERROR_CODES, help_text="The same stable codes as the rest of the API.")
+
+
+class OpenAiErrorSerializer(serializers.Serializer):
+    """An error on /v1/: OpenAI's shape, so its SDKs raise their own exceptions with our message."""
+
+    request_id = serializers.CharField(allow_null=True)
+    error = OpenAiErrorDetailSerializer()
+
+
+class OpenAiEmbeddingsRequestSerializer(serializers.Serializer):
+    model = serializers.CharField(required=False, help_text="The served model (GET /v1/models); may be left out.")
+    input = serializers.JSONField(
+        help_text="A string or a list of strings. A `data:image/<type>;base64,...` string is an image, any other "
+        "a text; one list may mix both, and the answer keeps its order."
+    )
+    encoding_format = serializers.ChoiceField(choices=ENCODINGS, required=False, default="float")
+    dimensions = serializers.IntegerField(
+        required=False, help_text="Only the model's own dimension: shortening is not offered (dimensions_unsupported)."
+    )
+    user = serializers.CharField(required=False, help_text="Accepted, and not used.")
+
+
+class OpenAiEmbeddingSerializer(serializers.Serializer):
+    object = serializers.CharField(help_text='Always "embedding".')
+    index = serializers.IntegerField()
+    embedding = VectorField()
+
+
+class OpenAiUsageSerializer(serializers.Serializer):
+    prompt_tokens = serializers.IntegerField(help_text="Tokens the model read, over the texts (images count 0).")
+    total_tokens = serializers.IntegerField()
+
+
+class OpenAiEmbeddingsAnswerSerializer(serializers.Serializer):
+    object = serializers.CharField(help_text='Always "list".')
+    data = OpenAiEmbeddingSerializer(many=True, help_text="L2-normalised, in the order of input.")
+    model = serializers.CharField()
+    usage = OpenAiUsageSerializer()
+
+
+class OpenAiModelSerializer(serializers.Serializer):
+    id = serializers.CharField()
+    object = serializers.CharField(help_text='Always "model".')
+    created = serializers.IntegerField()
+    owned_by = serializers.CharField()
+
+
+class OpenAiModelsSerializer(serializers.Serializer):
+    object = serializers.CharField(help_text='Always "list".')
+    data = OpenAiModelSerializer(many=True)
+
+
+def _openai_errors(extra=(), without=()) -> dict[int, OpenApiResponse]:
+    return error_responses(extra=extra, without=(*NOT_FROM_PARTS[:1], *without), serializer=OpenAiErrorSerializer)
+
+
+# What a JSON endpoint never answers: the multipart reader's errors.
+_NOT_FROM_JSON = (errors.MalformedMultipart, errors.DuplicateKey, errors.InvalidKey, errors.KeyTooLong)
+# What listing the model never answers: anything about inputs.
+_NOT_FROM_MODELS = (
+    *_NOT_FROM_JSON,
+    *NOT_FROM_FEEDBACK,
+    errors.MalformedRequest,
+    errors.RequestTooLarge,
+    errors.InvalidContentLength,
+    errors.UnsupportedMediaType,
+)
+
+openai_embeddings_schema = extend_schema_view(
+    post=extend_schema(
+        summary="OpenAI-compatible: vectors of texts and images, in input's order",
+        description="For tools that speak OpenAI's embeddings API: point their base URL at this server's /v1.",
+        tags=["openai"],
+        operation_id="openai_embeddings",
+        request=OpenAiEmbeddingsRequestSerializer,
+        parameters=[REQUEST_ID_HEADER, REQUEST_ID_ECHO],
+        responses={
+            200: OpenApiResponse(OpenAiEmbeddingsAnswerSerializer, description="A vector per input, in order."),
+            **_openai_errors(extra=OPENAI_ERRORS, without=_NOT_FROM_JSON),
+        },
+    )
+)
+openai_models_schema = extend_schema_view(
+    get=extend_schema(
+        summary="OpenAI-compatible: the served model",
+        tags=["openai"],
+        operation_id="openai_models",
+        responses={200: OpenAiModelsSerializer, **_openai_errors(without=_NOT_FROM_MODELS)},
+    )
+)
+openai_model_schema = extend_schema_view(
+    get=extend_schema(
+        summary="OpenAI-compatible: the served model, by its id",
+        tags=["openai"],
+        operation_id="openai_model",
+        responses={
+            200: OpenAiModelSerializer,
+            **_openai_errors(extra=(errors.UnknownModel,), without=_NOT_FROM_MODELS),
+        },
+    )
+)

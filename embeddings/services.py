@@ -27,6 +27,7 @@ class EncodedParts:
     images_raw: np.ndarray
     truncated: list[str]
     model: str  # the name of the model that computed them
+    text_tokens: int = 0  # tokens the model read over all texts (the OpenAI endpoint's usage)
 
 
 def current_engine() -> Engine:
@@ -104,6 +105,7 @@ def encode_parts(parts: list[Part], *, client: str = "") -> EncodedParts:
         images_raw=out.images,
         truncated=[k for (k, _), flag in zip(texts, out.truncated, strict=True) if flag],
         model=engine.name,
+        text_tokens=sum(out.text_tokens),
     )
 
 

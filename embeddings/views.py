@@ -4,17 +4,24 @@ from __future__ import annotations
 
 from django.http import HttpResponse, HttpResponseNotFound, JsonResponse
 from django.views.decorators.http import require_safe
+from rest_framework.parsers import JSONParser
 from rest_framework.renderers import BrowsableAPIRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from access.authentication import ApiKeyAuthentication, ClientRateThrottle, DemoPageAuthentication, RequireApiKey
+from access.authentication import (
+    ApiKeyAuthentication,
+    ClientRateThrottle,
+    DemoPageAuthentication,
+    OpenAiKeyAuthentication,
+    RequireApiKey,
+)
 from clipsite.config import current
-from embeddings import errors, metrics, services
+from embeddings import errors, metrics, openai_compat, services
 from embeddings.multipart import ClipMultiPartParser, check_declared_length
 from embeddings.renderers import FastJSONRenderer
 from embeddings.runtime.state import runtime
-from embeddings.schema import embeddings_schema
+from embeddings.schema import embeddings_schema, openai_embeddings_schema, openai_model_schema, openai_models_schema
 from embeddings.serializers import EmbeddingsForm, ImageUploadForm
 
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -98,6 +105,40 @@ class EmbeddingsView(ClipApiView):
         return Response(body)
 
 
+class OpenAiView(ClipApiView):
+    """The OpenAI-compatible API: a JSON body, JSON answers and errors in OpenAI's shape; the same
+    keys, rate limit, limits and engine as the rest of the API."""
+
+    parser_classes = [JSONParser]
+    renderer_classes = [FastJSONRenderer]
+    authentication_classes = [OpenAiKeyAuthentication]
+    serializer_class = None
+
+
+@openai_embeddings_schema
+class OpenAiEmbeddingsView(OpenAiView):
+    """Embed texts and images (data:image/...;base64,... strings) given in one ``input`` list."""
+
+    def post(self, request):
+        return Response(openai_compat.embeddings_create(body=request.data, client=self.client_of(request)))
+
+
+@openai_models_schema
+class OpenAiModelsView(OpenAiView):
+    """The served model."""
+
+    def get(self, request):
+        return Response(openai_compat.models_list())
+
+
+@openai_model_schema
+class OpenAiModelView(OpenAiView):
+    """The served model, by its id."""
+
+    def get(self, request, model_id: str):
+        return Response(openai_compat.model_retrieve(model_id))
+
+
 def healthz(request):
     return JsonResponse({"status": "ok"})
 
@@ -129,7 +170,9 @@ def readyz(request):
 
 def api_not_found(request, *args, **kwargs):
     request_id = getattr(request, "request_id", None)
-    body = errors.error_body(request_id, "not_found", errors.NotFound.default_detail)
+    body = errors.error_body(
+        request_id, "not_found", errors.NotFound.default_detail, status=404, path=request.path_info
+    )
     response = JsonResponse(body, status=404)
     response.error_code = "not_found"
     return response

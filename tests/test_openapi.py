@@ -23,9 +23,14 @@ API_PATHS = {
     "/syte_test/clip",
     "/syte_test/wearable",
     "/syte_test/feedback",
+    "/v1/embeddings",
+    "/v1/models",
+    "/v1/models/{model_id}",
     "/healthz",
     "/readyz",
 }
+GETS = {"/healthz", "/readyz", "/v1/models", "/v1/models/{model_id}"}
+POSTS = API_PATHS - GETS
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +58,10 @@ def test_schema_is_served_as_yaml_by_default_and_as_json_on_request(client):
 
 def test_every_api_path_is_in_the_schema(schema):
     assert set(schema["paths"]) == API_PATHS
-    for path in API_PATHS - {"/healthz", "/readyz"}:
+    for path in POSTS:
         assert set(schema["paths"][path]) == {"post"}, path
-    assert set(schema["paths"]["/healthz"]) == set(schema["paths"]["/readyz"]) == {"get"}
+    for path in GETS:
+        assert set(schema["paths"][path]) == {"get"}, path
 
 
 def _routes(patterns, prefix=""):
@@ -73,6 +79,7 @@ def test_every_drf_view_routed_is_described(schema):
         view = getattr(callback, "cls", None)
         if view is None or view.__module__.startswith("drf_spectacular"):
             continue
+        route = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", route)  # Django's <path:model_id> is OpenAPI's {model_id}
         assert "/" + route.rstrip("/") in documented, f"/{route} ({view.__name__}) is not in the schema"
 
 
@@ -95,13 +102,20 @@ def test_each_operation_documents_its_errors(schema):
     assert "`too_many_images`" in codes("/syte_test/wearable", 400)
     assert "`no_categories`" in codes("/syte_test/wearable", 503)
     assert "`unknown_request_id`" in codes("/syte_test/feedback", 404)
-    for path in API_PATHS - {"/healthz", "/readyz"}:
+    assert "`model_not_found`" in codes("/v1/embeddings", 404) and "`dimensions_unsupported`" in codes(
+        "/v1/embeddings", 400
+    )
+    assert "404" not in schema["paths"]["/syte_test/embeddings"]["post"]["responses"]  # no model_not_found there
+    for path in POSTS:
         responses = schema["paths"][path]["post"]["responses"]
         assert {"400", "405", "413", "415", "500"} <= set(responses), path
-        for status, response in responses.items():
+    for path in API_PATHS - {"/healthz", "/readyz"}:
+        (method,) = schema["paths"][path]
+        for status, response in schema["paths"][path][method]["responses"].items():
             if status.startswith(("4", "5")):
                 ref = response["content"]["application/json"]["schema"]["$ref"]
-                assert ref == "#/components/schemas/Error", (path, status)
+                shape = "OpenAiError" if path.startswith("/v1/") else "Error"
+                assert ref == f"#/components/schemas/{shape}", (path, status)
 
 
 class _Assets(HTMLParser):

@@ -85,6 +85,7 @@ class Embedded:
     texts: np.ndarray  # (n_texts, dim)
     truncated: list[bool]  # per text: cut to the model's context
     batches: list[int] = field(default_factory=list)  # the ids of the batches its items ran in, in order
+    text_tokens: list[int] = field(default_factory=list)  # per text: the tokens the model read (after any cut)
 
 
 class _Request:
@@ -282,7 +283,11 @@ class Engine:
         if request.error is not None:
             raise request.error
         return Embedded(
-            request.rows["image"], request.rows["text"], [t.truncated for t in tokens], sorted(request.batches)
+            request.rows["image"],
+            request.rows["text"],
+            [t.truncated for t in tokens],
+            sorted(request.batches),
+            [len(t.ids) for t in tokens],
         )
 
     @property
