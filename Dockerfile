@@ -16,9 +16,12 @@ RUN groupadd --system clip \
 
 WORKDIR /app
 
-# CPU build of torch (the default wheel on Linux carries CUDA, several GB we would never use).
+# CPU build of torch by default (the default wheel on Linux carries CUDA, several GB a CPU never uses).
+# A CUDA image: docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t clipsite:cuda .
+# and run it with CLIP_DEVICE=cuda (docker run --gpus all ...).
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 COPY requirements.txt .
-RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu -r requirements.txt
+RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX}" -r requirements.txt
 
 COPY --chown=clip:clip . .
 USER clip

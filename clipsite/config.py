@@ -44,7 +44,7 @@ class RuntimeSettings:
     models_dir: Path
     device: str  # cpu, cuda or auto
     backend: str  # auto, torch, onnx or openvino: what prepare_model chooses between
-    dtype: str  # auto, float32, bfloat16 or int8
+    dtype: str  # auto, float32, bfloat16, int8 or float16
     warmup: bool  # load the model in the background when a server process starts
     text_threads: int  # threads of a text forward: this worker's share of the cores
     image_threads: int  # threads of an image forward: every core unless set
@@ -248,8 +248,8 @@ VARIABLES: tuple[Var, ...] = (
         "auto",
         _choice,
         "clipsite.E014",
-        "auto (measured by prepare_model), float32, bfloat16 or int8.",
-        choices=("auto", "float32", "bfloat16", "int8"),
+        "auto (measured by prepare_model), float32, bfloat16, int8 (CPU) or float16 (GPU).",
+        choices=("auto", "float32", "bfloat16", "int8", "float16"),
     ),
     # The names before CLIP_BACKEND and CLIP_DTYPE, still read when the new ones are unset.
     Var("CLIP_RUNTIME", "", _choice, "clipsite.E046", "Now CLIP_BACKEND.", choices=("auto", "torch", "onnx")),
@@ -346,6 +346,7 @@ _CPU_BACKEND = (
     "CLIP_BACKEND=onnx or openvino runs on the CPU: with CLIP_DEVICE=cuda use torch or auto",
 )
 _BF16_NOT_ONNX = ("clipsite.E038", "ONNX Runtime runs float32 or int8: CLIP_DTYPE=bfloat16 needs torch or openvino")
+_FP16_NEEDS_GPU = ("clipsite.E039", "CLIP_DTYPE=float16 runs on a GPU with PyTorch: CLIP_DEVICE=cuda (or auto)")
 _TEMPLATE_NEEDS_SLOT = ("wearable.E002", 'Every template needs "{}", e.g. "a photo of a {}."; separate them with |.')
 
 
@@ -398,6 +399,8 @@ def load(environ: Mapping[str, str], *, base_dir: Path) -> tuple[Config, list[Pr
         bad(_CPU_BACKEND, "CLIP_BACKEND")
     if v["CLIP_DTYPE"] == "bfloat16" and v["CLIP_BACKEND"] == "onnx":
         bad(_BF16_NOT_ONNX, "CLIP_DTYPE")
+    if v["CLIP_DTYPE"] == "float16" and (v["CLIP_DEVICE"] == "cpu" or v["CLIP_BACKEND"] in ("onnx", "openvino")):
+        bad(_FP16_NEEDS_GPU, "CLIP_DTYPE")
 
     cores = cpu_cores()
     workers = v["WEB_CONCURRENCY"] or cores  # one worker per core: measured best end to end (README)

@@ -43,7 +43,7 @@ def vitb32_model_dir() -> Path:
 
 def runtime_settings(model_dir: Path | str, **changes) -> RuntimeSettings:
     """The suite's runtime settings for ``model_dir`` (``backend="torch"`` etc. as changes)."""
-    return replace(current().runtime, model=str(model_dir), models_dir=MODELS, device="cpu", **changes)
+    return replace(current().runtime, **({"model": str(model_dir), "models_dir": MODELS, "device": "cpu"} | changes))
 
 
 def offered(backend: str, dtype: str) -> str | None:

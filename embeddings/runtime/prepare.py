@@ -68,7 +68,9 @@ CPU_CANDIDATES = (
     ("openvino", "bfloat16"),
     ("onnx", "int8"),
 )
-CUDA_CANDIDATES = (("torch", "float32"), ("torch", "bfloat16"))
+# On a GPU: PyTorch, in float32, float16 (tensor cores on every CUDA GPU since Volta) and bfloat16
+# (Ampere and later): timed and checked against float32 like the CPU's candidates.
+CUDA_CANDIDATES = (("torch", "float32"), ("torch", "float16"), ("torch", "bfloat16"))
 # Each candidate is timed on a short image batch and a short text batch, best of TIMING_RUNS.
 TIMING_BATCH = {"image": 8, "text": 16}
 TIMING_RUNS = 3
@@ -134,7 +136,13 @@ def _requested(settings: RuntimeSettings) -> dict:
 
 
 def manifest_path(folder: Path, settings: RuntimeSettings) -> Path:
-    return folder / f"manifest-{settings.backend}-{settings.dtype}-{settings.device}.json"
+    """One manifest per configuration and, on the CPU, per kind of CPU: nodes of several kinds sharing
+    one model volume (a Kubernetes PersistentVolumeClaim) each keep their own measured choice, and the
+    exported files, which do not depend on the CPU, are shared."""
+    name = f"manifest-{settings.backend}-{settings.dtype}-{settings.device}"
+    if settings.device == "cpu":
+        name += "-" + hashlib.sha256(repr(_cpu_key(cpu_features())).encode()).hexdigest()[:10]
+    return folder / f"{name}.json"
 
 
 def read_manifest(source: ModelSource, settings: RuntimeSettings) -> tuple[Path, Manifest]:
@@ -153,6 +161,14 @@ def read_manifest(source: ModelSource, settings: RuntimeSettings) -> tuple[Path,
         # The volume moved to another machine: what was fastest (bfloat16 with AMX, say) may be slow here.
         raise ModelNotPrepared(f"the model was prepared on another CPU ({manifest.cpu['model']}): {PREPARE_HINT}")
     return folder, manifest
+
+
+def gpu_features() -> dict:
+    """What prepare_model records of the GPU it measured on."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return {"device": "cuda", "model": torch.cuda.get_device_name(), "capability": f"{major}.{minor}"}
 
 
 def _cpu_key(cpu: dict) -> tuple:
@@ -204,7 +220,23 @@ def candidates(settings: RuntimeSettings, device: str) -> list[tuple[str, str, s
         for b, d in pairs
         if settings.backend in ("auto", b) and (settings.dtype == d or (settings.dtype == "auto" and d != "int8"))
     ]
-    return [(b, d, None if device == "cuda" else unavailable(b, d, forced=settings.dtype == d)) for b, d in wanted]
+    if device == "cuda":
+        return [(b, d, gpu_unavailable(d)) for b, d in wanted]
+    if settings.dtype == "float16":
+        raise ModelLoadError(
+            "CLIP_DTYPE=float16 runs on a GPU, and this machine has none that torch sees (CLIP_DEVICE="
+            f"{settings.device} chose the CPU): leave CLIP_DTYPE=auto, or run where CUDA is"
+        )
+    return [(b, d, unavailable(b, d, forced=settings.dtype == d)) for b, d in wanted]
+
+
+def gpu_unavailable(dtype: str) -> str | None:
+    """Why this GPU cannot run ``dtype`` (None: it can)."""
+    import torch
+
+    if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        return f"{torch.cuda.get_device_name()} has no native bfloat16 (Ampere and later have)"
+    return None
 
 
 def unavailable(backend: str, dtype: str, *, forced: bool) -> str | None:
@@ -307,7 +339,7 @@ def _prepare(source: ModelSource, settings: RuntimeSettings, folder: Path) -> Ma
             "onnxruntime": onnxruntime.__version__,
             "openvino": _openvino_version(),
         },
-        cpu=cpu_features() if device == "cpu" else {"device": device},
+        cpu=cpu_features() if device == "cpu" else gpu_features(),
         candidates=results,
     )
 

@@ -20,7 +20,7 @@ TOWERS = ("image", "text")
 @runtime_checkable
 class Backend(Protocol):
     name: str  # "torch", "onnx", "openvino"
-    dtype: str  # what it really computes in: "float32", "bfloat16", "int8"
+    dtype: str  # what it really computes in: "float32", "bfloat16", "float16" (GPU), "int8"
     device: str  # "cpu", "cuda"
 
     def image_features(self, pixels: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The PyTorch backend: the model's own forward, eager, on the CPU or a GPU, float32 or bfloat16.
+"""The PyTorch backend: the model's own forward, eager, on the CPU or a GPU, float32 or bfloat16 (float16 on a GPU).
 
 bfloat16 is the model's weights in it, saved once so by prepare_model (``save_weights``), with the
 pixels cast to it and the vectors returned in float32. On a CPU
