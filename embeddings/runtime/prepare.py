@@ -9,7 +9,7 @@ worker that finds no current manifest stops with a message naming prepare_model.
 
 The prepared folder is ``MODEL/clipsite-prepared/`` (or, where the model's folder cannot be written,
 one under CLIP_MODELS_DIR or the temporary folder); it holds one manifest per configuration
-(``manifest-BACKEND-DTYPE-DEVICE.json``) and the exported files.
+(``manifest-BACKEND-DTYPE-DEVICE[-CPU].json``) and the exported files.
 """
 
 from __future__ import annotations
