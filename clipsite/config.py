@@ -9,6 +9,7 @@ environment; code reads ``current()``, a frozen view that tests replace through 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -350,8 +351,31 @@ _FP16_NEEDS_GPU = ("clipsite.E039", "CLIP_DTYPE=float16 runs on a GPU with PyTor
 _TEMPLATE_NEEDS_SLOT = ("wearable.E002", 'Every template needs "{}", e.g. "a photo of a {}."; separate them with |.')
 
 
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def cpu_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may use: those it may run on, and no more than its cgroup's CPU quota.
+
+    In a Kubernetes pod or a container with ``--cpus``, the affinity is every core of the node while
+    the quota is the pod's CPU limit: the defaults that follow the cores (workers, threads) must follow
+    the quota, or N workers share a 2-core limit as if they had the node.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_quota(cgroup)
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def _cgroup_quota(cgroup: Path) -> float | None:
+    """Cores' worth of CPU time the cgroup allows (cgroup v2 cpu.max, else v1's CFS files), None: no limit."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 def load(environ: Mapping[str, str], *, base_dir: Path) -> tuple[Config, list[Problem]]:

@@ -188,3 +188,24 @@ def test_check_deploy_is_clean_with_the_production_settings(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no issues" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "max 100000\n"}, None),  # no limit: the cores it may run on
+        ({"cpu.max": "100000 100000\n"}, 1),  # a pod limited to 1 CPU on a bigger node
+        ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs: rounded up, a thread's worth of time remains
+        ({"cpu/cpu.cfs_quota_us": "50000", "cpu/cpu.cfs_period_us": "100000"}, 1),  # cgroup v1
+        ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+        ({"cpu.max": "garbage"}, None),
+    ],
+)
+def test_cores_follow_the_cgroups_cpu_quota(tmp_path, files, expected):
+    from clipsite.config import cpu_cores
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    allowed = cpu_cores(tmp_path / "nowhere")
+    assert cpu_cores(tmp_path) == (min(allowed, expected) if expected else allowed)
