@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from django.core import signing
+from django.db import DatabaseError
 from rest_framework import authentication, exceptions, permissions, throttling
 
-from access.services import ApiClient, api_key_check
+from access.services import KEY_PREFIX, ApiClient, api_key_check
 from clipsite.config import current
+from embeddings import errors
 
 DEMO_TOKEN_SALT = "clipsite.demo-page"
 DEMO_TOKEN_MAX_AGE_S = 12 * 3600
@@ -39,17 +41,27 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
 
 
 class OpenAiKeyAuthentication(ApiKeyAuthentication):
-    """The OpenAI-compatible paths: OpenAI's SDKs always send some key, so where none is required an
-    unknown one is taken as no key (as vLLM and infinity do); a known key still counts as itself, and
-    with CLIP_REQUIRE_API_KEY a wrong key is the 401 it is everywhere."""
+    """The OpenAI-compatible paths. OpenAI's SDKs always send some key, so where none is required an
+    unknown one is taken as no key (as vLLM and infinity do), and one that is not even shaped like ours
+    costs no database query; a known key still counts as itself. With CLIP_REQUIRE_API_KEY a wrong key
+    is the 401 it is everywhere, and a database that does not answer a 503, never a 500."""
 
     def authenticate(self, request):
+        raw = presented_key(request)
+        required = current().access.require_api_key
+        if raw is None or (not required and not raw.startswith(KEY_PREFIX)):
+            return None
         try:
             return super().authenticate(request)
         except exceptions.AuthenticationFailed:
-            if current().access.require_api_key:
+            if required:
                 raise
             return None
+        except DatabaseError as exc:
+            if required:
+                message = "The database is not answering, so the key cannot be checked."
+                raise errors.DatabaseUnavailable(message) from exc
+            return None  # no key needed: served as a client without one
 
 
 def demo_token(user) -> str:

@@ -67,8 +67,13 @@ def _import_the_libraries_once() -> None:
 _import_the_libraries_once()
 
 
+def pre_fork(server, worker):
+    taken = {getattr(w, "clip_slot", None) for w in server.WORKERS.values()}
+    worker.clip_slot = coordination.free_slot(taken, worker.age)
+
+
 def post_fork(server, worker):
-    coordination.set_slot(worker.age)
+    coordination.set_slot(worker.clip_slot)
 
 
 def post_worker_init(worker):
@@ -85,6 +90,8 @@ def post_worker_init(worker):
 
     if coordination.wait_for_siblings(lambda: runtime.status != "loading", keep_waiting):
         worker.log.info("Worker %s loaded its model while its siblings served: now taking connections", worker.pid)
+    if not worker.alive:  # told to stop while it waited: it takes no connection, and nobody waits for it
+        return
     coordination.mark_accepting()
 
     stop = signal.getsignal(signal.SIGTERM)
@@ -99,7 +106,7 @@ def post_worker_init(worker):
 def child_exit(server, worker):
     from prometheus_client import multiprocess
 
-    coordination.clear_slot(worker.age)
+    coordination.clear_slot(worker.clip_slot)
     multiprocess.mark_process_dead(worker.pid)  # its live gauges (queue depth) leave the sums
 
 

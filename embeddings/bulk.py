@@ -238,15 +238,22 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def _recorded(path: str) -> str:
+    """A path as the outputs record it: a name that is not UTF-8 (Python holds its bytes as lone
+    surrogates, which no JSON or Parquet writer takes) with those bytes as ``\\xNN``, stable across runs."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _walk(root: str, bad: Callable[[BadItem], None]) -> tuple[list[_Found], int]:
     """The image files under ``root`` sorted by their path below it, and how many entries were passed over."""
     if not os.path.isdir(root):
-        return [_Found(os.path.normpath(root), os.path.basename(os.path.normpath(root)), root)], 0
+        path = os.path.normpath(root)
+        return [_Found(_recorded(path), _recorded(os.path.basename(path)), root)], 0
     passed_over = 0
     found = []
 
     def unreadable(exc: OSError) -> None:
-        path = os.path.normpath(exc.filename or root)
+        path = _recorded(os.path.normpath(exc.filename or root))
         bad(BadItem("image", path, None, None, UNREADABLE, f"cannot list this folder: {exc.strerror}"))
 
     for folder, dirs, files in os.walk(root, onerror=unreadable):
@@ -259,7 +266,7 @@ def _walk(root: str, bad: Callable[[BadItem], None]) -> tuple[list[_Found], int]
                 continue
             file = os.path.join(folder, name)
             rel = PurePath(os.path.relpath(file, root)).as_posix()
-            found.append(_Found(os.path.normpath(file), rel, file))
+            found.append(_Found(_recorded(os.path.normpath(file)), _recorded(rel), file))
     found.sort(key=lambda f: f.rel)
     return found, passed_over
 

@@ -113,7 +113,7 @@ def embeddings_create(*, body, client: str = "") -> dict:
     dimensions = body.get("dimensions")
     if dimensions is not None and dimensions != dim:
         raise errors.DimensionsUnsupported(
-            f"dimensions={str(dimensions)[:50]} is not supported: this model's vectors have {dim} dimensions, and "
+            f"dimensions={repr(dimensions)[:50]} is not supported: this model's vectors have {dim} dimensions, and "
             "shortening them is not offered (yet). Leave dimensions out, or send it equal to the model's.",
             key="dimensions",
         )

@@ -470,7 +470,7 @@ openai_embeddings_schema = extend_schema_view(
         parameters=[REQUEST_ID_HEADER, REQUEST_ID_ECHO],
         responses={
             200: OpenApiResponse(OpenAiEmbeddingsAnswerSerializer, description="A vector per input, in order."),
-            **_openai_errors(extra=OPENAI_ERRORS, without=_NOT_FROM_JSON),
+            **_openai_errors(extra=(*OPENAI_ERRORS, errors.DatabaseUnavailable), without=_NOT_FROM_JSON),
         },
     )
 )

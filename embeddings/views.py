@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from django.http import HttpResponse, HttpResponseNotFound, JsonResponse
 from django.views.decorators.http import require_safe
-from rest_framework.parsers import JSONParser
 from rest_framework.renderers import BrowsableAPIRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -19,6 +18,7 @@ from access.authentication import (
 from clipsite.config import current
 from embeddings import errors, metrics, openai_compat, services
 from embeddings.multipart import ClipMultiPartParser, check_declared_length
+from embeddings.parsers import InputsJSONParser
 from embeddings.renderers import FastJSONRenderer
 from embeddings.runtime.state import runtime
 from embeddings.schema import embeddings_schema, openai_embeddings_schema, openai_model_schema, openai_models_schema
@@ -109,7 +109,7 @@ class OpenAiView(ClipApiView):
     """The OpenAI-compatible API: a JSON body, JSON answers and errors in OpenAI's shape; the same
     keys, rate limit, limits and engine as the rest of the API."""
 
-    parser_classes = [JSONParser]
+    parser_classes = [InputsJSONParser]
     renderer_classes = [FastJSONRenderer]
     authentication_classes = [OpenAiKeyAuthentication]
     serializer_class = None

@@ -13,7 +13,7 @@ if [[ -n "${TEST_DATABASE_URL:-}" ]]; then
 fi
 
 bindir=""
-for candidate in /usr/lib/postgresql/*/bin; do
+for candidate in $(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V); do  # the newest version last
     [[ -x "$candidate/initdb" ]] && bindir="$candidate"
 done
 if [[ -z "$bindir" ]] && command -v initdb >/dev/null; then

@@ -37,17 +37,23 @@ def create_shared() -> None:
         _shared = mmap.mmap(-1, 2 * SLOTS)
 
 
-def set_slot(worker_age: int) -> None:
-    """In each worker after the fork: its own byte (gunicorn numbers workers by age)."""
+def free_slot(taken: set[int], fallback: int) -> int:
+    """In the master, before forking a worker: the lowest slot no live worker holds. (gunicorn's ages
+    only grow: age modulo SLOTS would hand a replacement the slot of a live sibling.)"""
+    return min(set(range(SLOTS)) - taken, default=fallback % SLOTS)
+
+
+def set_slot(slot: int) -> None:
+    """In each worker after the fork: its own byte."""
     global _slot
-    _slot = worker_age % SLOTS
+    _slot = slot % SLOTS
 
 
-def clear_slot(worker_age: int) -> None:
+def clear_slot(slot: int) -> None:
     """In the master when a worker exits: a worker killed mid-forward must not stay 'busy'."""
     if _shared is not None:
-        _shared[worker_age % SLOTS] = 0
-        _shared[SLOTS + worker_age % SLOTS] = ABSENT
+        _shared[slot % SLOTS] = 0
+        _shared[SLOTS + slot % SLOTS] = ABSENT
 
 
 def others_busy() -> bool:

@@ -136,13 +136,14 @@ def _requested(settings: RuntimeSettings) -> dict:
 
 
 def manifest_path(folder: Path, settings: RuntimeSettings) -> Path:
-    """One manifest per configuration and, on the CPU, per kind of CPU: nodes of several kinds sharing
-    one model volume (a Kubernetes PersistentVolumeClaim) each keep their own measured choice, and the
-    exported files, which do not depend on the CPU, are shared."""
-    name = f"manifest-{settings.backend}-{settings.dtype}-{settings.device}"
-    if settings.device == "cpu":
-        name += "-" + hashlib.sha256(repr(_cpu_key(cpu_features())).encode()).hexdigest()[:10]
-    return folder / f"{name}.json"
+    """One manifest per configuration and per kind of hardware it runs on: nodes of several kinds (CPUs,
+    GPUs, or both under CLIP_DEVICE=auto) sharing one model volume (a Kubernetes PersistentVolumeClaim)
+    each keep their own measured choice, and the exported files, which depend on neither, are shared."""
+    # torch is imported only where the device is not plainly the CPU (it costs a worker memory).
+    device = settings.device if settings.device == "cpu" else resolve_device(settings.device)
+    hardware = repr(_cpu_key(cpu_features())) if device == "cpu" else repr(sorted(gpu_features().items()))
+    key = hashlib.sha256(hardware.encode()).hexdigest()[:10]
+    return folder / f"manifest-{settings.backend}-{settings.dtype}-{settings.device}-{key}.json"
 
 
 def read_manifest(source: ModelSource, settings: RuntimeSettings) -> tuple[Path, Manifest]:
@@ -234,7 +235,8 @@ def gpu_unavailable(dtype: str) -> str | None:
     """Why this GPU cannot run ``dtype`` (None: it can)."""
     import torch
 
-    if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+    # Not counting emulation: Volta and Turing "support" bfloat16 only as float32 arithmetic.
+    if dtype == "bfloat16" and not torch.cuda.is_bf16_supported(including_emulation=False):
         return f"{torch.cuda.get_device_name()} has no native bfloat16 (Ampere and later have)"
     return None
 

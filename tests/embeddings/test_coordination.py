@@ -116,3 +116,9 @@ def test_readyz_waits_for_a_sibling_that_takes_connections_while_loading(shared,
     assert response.json() == {"status": "loading", "ready": False, "workers": {"ready": 2, "loading": 1}}
     coordination.clear_slot(3)
     assert client.get("/readyz").status_code == 200
+
+
+def test_a_replacement_gets_a_slot_no_live_sibling_holds():
+    assert coordination.free_slot(set(), fallback=7) == 0
+    assert coordination.free_slot({0, 2}, fallback=70) == 1  # worker 1 died: its replacement (age 65) takes 1
+    assert coordination.free_slot(set(range(coordination.SLOTS)), fallback=70) == 70 % coordination.SLOTS

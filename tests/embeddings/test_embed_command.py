@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import threading
@@ -344,8 +345,9 @@ def test_the_shard_hash_is_stable_across_processes_and_machines():
     ],
 )
 def test_usage_errors_are_command_errors(configured, collection, tmp_path, args, message):
-    with pytest.raises(CommandError, match=message):
+    with pytest.raises(CommandError, match=message) as refused:
         embed(collection, "--out", tmp_path / "v.jsonl", *args)
+    assert refused.value.returncode == 2  # the embed Job fails the index at once: a retry cannot help
     assert not (tmp_path / "v.jsonl").exists()
 
 
@@ -378,3 +380,15 @@ def test_a_journal_of_another_model_is_refused(configured, collection, tmp_path)
 def test_verbosity_zero_shows_no_progress_bar(configured, collection, tmp_path):
     _, stderr = embed(collection, "--out", tmp_path / "v.jsonl", "-v", "0")
     assert "item/s" not in stderr
+
+
+def test_a_file_name_that_is_not_utf8_is_embedded_under_a_stable_printable_path(configured, tmp_path):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    name = os.fsdecode(b"caf\xe9.jpg")  # Latin-1 bytes: Python holds the name with a lone surrogate
+    (folder / name).write_bytes(photo_bytes("chelsea.jpg"))
+    out = tmp_path / "v.jsonl"
+    assert counts(embed(folder, "--out", out)[0])["embedded"] == 1
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["path"].endswith("caf\\xe9.jpg")
+    assert counts(embed(folder, "--out", out)[0])["skipped"] == 1  # the same path on a re-run

@@ -29,7 +29,7 @@ def test_float16_is_a_gpu_dtype_of_the_configuration():
 
 
 def test_a_gpu_measures_torch_in_float32_float16_and_bfloat16(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     auto = candidates(runtime_settings("unused", backend="auto", dtype="auto"), "cuda")
     assert [(b, d) for b, d, _ in auto] == [("torch", "float32"), ("torch", "float16"), ("torch", "bfloat16")]
     assert all(skipped is None for *_, skipped in auto)
@@ -38,7 +38,8 @@ def test_a_gpu_measures_torch_in_float32_float16_and_bfloat16(monkeypatch):
 
 
 def test_a_gpu_without_native_bfloat16_skips_it_saying_why(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    """A Turing GPU: torch's check says yes counting emulation (float32 arithmetic), no without it."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
     assert gpu_unavailable("float16") is None
     assert "Tesla T4 has no native bfloat16" in gpu_unavailable("bfloat16")
@@ -85,3 +86,19 @@ def test_a_gpu_manifest_records_the_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     assert prepare_module.gpu_features() == {"device": "cuda", "model": "NVIDIA H200", "capability": "9.0"}
+
+
+def test_cpu_and_gpu_nodes_sharing_a_volume_keep_manifests_of_their_own(monkeypatch, tmp_path):
+    from embeddings.runtime.prepare import manifest_path
+
+    auto = runtime_settings("unused", device="auto")
+    on_cpu = manifest_path(tmp_path, auto)
+    assert on_cpu.name.startswith("manifest-auto-auto-auto-")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    on_h200 = manifest_path(tmp_path, auto)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    on_t4 = manifest_path(tmp_path, auto)
+    assert len({on_cpu, on_h200, on_t4}) == 3

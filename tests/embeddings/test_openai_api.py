@@ -174,3 +174,35 @@ def test_the_rate_limit_and_the_metrics_cover_v1(client, clip, settings):
     throttled = create(client, {"input": "a cat"})
     assert openai_error(throttled, 429)["type"] == "rate_limit_error" and int(throttled["Retry-After"]) >= 1
     assert metrics.REQUESTS.labels(URL, "200")._value.get() == before + 2
+
+
+def test_bodies_that_would_cost_far_more_than_their_size_are_refused_before_parsing(client, clip):
+    deep = b"[" * 5000 + b"]" * 5000  # the stdlib's parser would recurse into a RecursionError
+    assert openai_error(client.post(URL, data=deep, content_type="application/json"), 400)["code"] == (
+        "malformed_request"
+    )
+    surrogate = b'{"input": "\\ud800"}'  # valid JSON, no valid UTF-8 text
+    assert openai_error(client.post(URL, data=surrogate, content_type="application/json"), 400)["code"] == (
+        "malformed_request"
+    )
+    tiny = b'{"input": [' + b",".join([b"[]"] * 1_000_000) + b"]}"  # 3 MB, some 60 MB once parsed
+    error = openai_error(client.post(URL, data=tiny, content_type="application/json"), 413)
+    assert error["code"] == "too_many_parts"
+
+
+@pytest.mark.django_db
+def test_a_database_that_does_not_answer_never_fails_v1(client, clip, settings, monkeypatch):
+    from django.db import OperationalError
+
+    import access.authentication as authentication
+
+    def down(**kwargs):
+        raise OperationalError("could not connect to server")
+
+    monkeypatch.setattr(authentication, "api_key_check", down)
+    # No key required: an SDK's placeholder costs no query, and even a key of ours is served keyless.
+    assert create(client, {"input": "a cat"}, Authorization="Bearer sk-placeholder").status_code == 200
+    assert create(client, {"input": "a cat"}, Authorization="Bearer clip_abc").status_code == 200
+    override(settings, access={"require_api_key": True})
+    error = openai_error(create(client, {"input": "a cat"}, Authorization="Bearer clip_abc"), 503)
+    assert error["code"] == "database_unavailable" and error["type"] == "server_error"

@@ -73,7 +73,9 @@ class Command(BaseCommand):
                 shard=parse_shard(shard),
                 progress=on_progress,
             )
-        except (BulkUsageError, BulkFailed) as exc:
+        except BulkUsageError as exc:  # exit 2, like argparse's: a Job fails the index at once, no retry
+            raise CommandError(str(exc), returncode=2) from exc
+        except BulkFailed as exc:
             raise CommandError(str(exc)) from exc
         except ModelLoadError as exc:
             raise CommandError(f"cannot load CLIP_MODEL={current().runtime.model!r}: {exc}") from exc
