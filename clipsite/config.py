@@ -348,6 +348,10 @@ _CPU_BACKEND = (
 )
 _BF16_NOT_ONNX = ("clipsite.E038", "ONNX Runtime runs float32 or int8: CLIP_DTYPE=bfloat16 needs torch or openvino")
 _FP16_NEEDS_GPU = ("clipsite.E039", "CLIP_DTYPE=float16 runs on a GPU with PyTorch: CLIP_DEVICE=cuda (or auto)")
+_PLACEHOLDER_KEY = (
+    "clipsite.E048",
+    "DJANGO_SECRET_KEY is still the placeholder of deploy/k8s/secret.yaml: anyone could sign sessions and demo tokens",
+)
 _TEMPLATE_NEEDS_SLOT = ("wearable.E002", 'Every template needs "{}", e.g. "a photo of a {}."; separate them with |.')
 
 
@@ -423,6 +427,8 @@ def load(environ: Mapping[str, str], *, base_dir: Path) -> tuple[Config, list[Pr
         bad(_CPU_BACKEND, "CLIP_BACKEND")
     if v["CLIP_DTYPE"] == "bfloat16" and v["CLIP_BACKEND"] == "onnx":
         bad(_BF16_NOT_ONNX, "CLIP_DTYPE")
+    if "replace-me" in (v["DJANGO_SECRET_KEY"] or "").lower():
+        bad(_PLACEHOLDER_KEY, "DJANGO_SECRET_KEY")
     if v["CLIP_DTYPE"] == "float16" and (v["CLIP_DEVICE"] == "cpu" or v["CLIP_BACKEND"] in ("onnx", "openvino")):
         bad(_FP16_NEEDS_GPU, "CLIP_DTYPE")
 

@@ -64,6 +64,7 @@ def test_a_bad_value_is_reported_with_the_variables_own_id_and_the_default_stand
         ({"CLIP_BACKEND": "openvino", "CLIP_DEVICE": "cuda"}, "CLIP_BACKEND", "clipsite.E033"),
         ({"CLIP_DTYPE": "bfloat16", "CLIP_BACKEND": "onnx"}, "CLIP_DTYPE", "clipsite.E038"),
         ({"CLIP_DTYPE": "float16"}, "CLIP_DTYPE", "clipsite.E039"),  # the default device is the CPU
+        ({"DJANGO_SECRET_KEY": "REPLACE-ME-with-a-long-random-string"}, "DJANGO_SECRET_KEY", "clipsite.E048"),
         ({"CLIP_DTYPE": "float16", "CLIP_DEVICE": "auto", "CLIP_BACKEND": "openvino"}, "CLIP_DTYPE", "clipsite.E039"),
         ({"WEARABLE_PROMPT_TEMPLATES": " | "}, "WEARABLE_PROMPT_TEMPLATES", "wearable.E001"),
         (
