@@ -43,3 +43,15 @@ def server_workers() -> int:
     from clipsite.config import cpu_cores
 
     return cpu_cores()
+
+
+def test_the_replica_memory_run_sums_every_process_of_the_server(tmp_path):
+    from bench.memory import run
+
+    (row,) = run(presets=["tiny"], workers=2, seconds=1.0, out=tmp_path / "out")
+    assert row["preset"] == "tiny" and row["requests"] > 0 and row["errors"] == 0
+    for look in (row["at_ready"], row["after_traffic"]):
+        assert len(look["workers"]) == 2 and look["master_pss"] > 0
+        assert look["replica_pss"] == pytest.approx(look["master_pss"] + sum(w["pss"] for w in look["workers"]), abs=3)
+        assert all(w["rss"] >= w["pss"] >= w["private"] > 0 for w in look["workers"])
+    assert "| tiny | 2 |" in (tmp_path / "out" / "memory.md").read_text()
