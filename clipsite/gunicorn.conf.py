@@ -54,9 +54,10 @@ def _import_the_libraries_once() -> None:
     import transformers.configuration_utils  # noqa: F401
     import transformers.models.auto.processing_auto  # noqa: F401
 
+    # Not onnxruntime: imported in the master, it makes every worker that then runs OpenVINO abort as it
+    # exits (std::system_error from a static destructor, after the drain: measured with scripts like
+    # the lifecycle tests). Workers import it themselves where a tower runs on it.
     try:
-        import onnxruntime  # noqa: F401
-
         from embeddings.runtime.backends.openvino import load_openvino
 
         load_openvino()  # its telemetry declined first: no thread forks a process in the master

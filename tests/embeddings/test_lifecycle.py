@@ -173,3 +173,20 @@ def test_a_replacement_worker_takes_no_request_until_its_model_is_loaded(tmp_pat
                 t.join(60)
         assert len(worker_pids(srv.proc.pid)) == 2 and first[0] not in worker_pids(srv.proc.pid)
         assert statuses and set(statuses) == {200}, statuses
+
+
+def test_workers_serving_openvino_exit_cleanly_on_sigterm(tmp_path, tiny_model_dir):
+    """Once the master imported onnxruntime, a worker that had run OpenVINO aborted as it exited."""
+    with serving(tmp_path, tiny_model_dir, CLIP_BACKEND="openvino", CLIP_DTYPE="float32", WEB_CONCURRENCY="2") as srv:
+        body, content_type = multipart_body([("t", "served by openvino", None)])
+        head = (
+            f"POST /syte_test/embeddings HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        assert raw_http(srv.port, head.encode() + body, timeout=30)[0] == 200
+        os.kill(srv.proc.pid, signal.SIGTERM)
+        srv.proc.wait(60)
+        log = srv.output()
+    assert srv.proc.returncode == 0
+    assert log.count("Worker exiting") == 2, log[-3000:]
+    assert "SIGABRT" not in log and "terminate called" not in log, log[-3000:]
