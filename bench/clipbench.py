@@ -333,20 +333,34 @@ def worker_memory_mb(master_pid: int) -> list[dict]:
     workers = []
     for pid in sorted(children):
         try:
-            fields = {}
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
-                key, value, *_ = line.split()
-                fields[key.rstrip(":")] = int(value) / 1024
+            workers.append(process_memory_mb(pid))
         except (OSError, ValueError):
             continue
-        workers.append(
-            {
-                "rss": fields.get("Rss", 0.0),
-                "pss": fields.get("Pss", 0.0),
-                "private": fields.get("Private_Clean", 0.0) + fields.get("Private_Dirty", 0.0),
-            }
-        )
     return workers
+
+
+def process_memory_mb(pid: int) -> dict:
+    """One process's rss, pss and private memory in MB, from /proc/PID/smaps_rollup."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, value, *_ = line.split()
+        fields[key.rstrip(":")] = int(value) / 1024
+    return {
+        "rss": fields.get("Rss", 0.0),
+        "pss": fields.get("Pss", 0.0),
+        "private": fields.get("Private_Clean", 0.0) + fields.get("Private_Dirty", 0.0),
+    }
+
+
+def test_model_dir(preset: str) -> Path:
+    """The random-weight model of ``preset`` under var/test-models/ (the tests' folder), built once."""
+    from embeddings.runtime.testmodel import build_test_model
+
+    model_dir = ROOT / "var" / "test-models" / f"{preset}-seed0"
+    if not (model_dir / "model-clip" / "model.safetensors").exists():
+        log(f"building the {preset} test model (random weights, the real architecture)")
+        build_test_model(preset, model_dir, seed=0)
+    return model_dir
 
 
 def start_server(model_dir: Path, tmp: Path, name: str, **env: str):
@@ -400,16 +414,12 @@ def run(
     import tempfile
 
     from embeddings.runtime.cpu import cpu_features
-    from embeddings.runtime.testmodel import build_test_model
 
     cores = len(os.sched_getaffinity(0))
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     if model_dir is None:
-        model_dir = ROOT / "var" / "test-models" / "vit-b-32-seed0"
-        if not (model_dir / "model-clip" / "model.safetensors").exists():
-            log("building the vit-b-32 test model (random weights, openai/clip-vit-base-patch32's architecture)")
-            build_test_model("vit-b-32", model_dir, seed=0)
+        model_dir = test_model_dir("vit-b-32")
     peer_client = None
     if peer is not None:
         from bench.peers import InfinityPeer

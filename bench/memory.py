@@ -13,17 +13,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.clipbench import clipsite_requests, drive, log, multipart, photo_jpegs, start_server, worker_memory_mb
-
-MODELS = Path(__file__).resolve().parent.parent / "var" / "test-models"
-
-
-def process_memory_mb(pid: int) -> dict:
-    fields = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
-        key, value, *_ = line.split()
-        fields[key.rstrip(":")] = int(value) / 1024
-    return {"rss": fields.get("Rss", 0.0), "pss": fields.get("Pss", 0.0)}
+from bench.clipbench import (
+    clipsite_requests,
+    drive,
+    log,
+    multipart,
+    photo_jpegs,
+    process_memory_mb,
+    start_server,
+    test_model_dir,
+    worker_memory_mb,
+)
 
 
 def replica_memory(master: int) -> dict:
@@ -37,12 +37,7 @@ def replica_memory(master: int) -> dict:
 
 
 def measure_preset(preset: str, *, workers: int, seconds: float, tmp: Path) -> dict:
-    from embeddings.runtime.testmodel import build_test_model
-
-    model_dir = MODELS / f"{preset}-seed0"
-    if not (model_dir / "model-clip" / "model.safetensors").exists():
-        log(f"building a random-weight {preset}")
-        build_test_model(preset, model_dir)
+    model_dir = test_model_dir(preset)
     log(f"{preset}: starting the server with {workers} workers (prepare_model measures on first use)")
     server, start_s, ready = start_server(model_dir, tmp, preset, WEB_CONCURRENCY=str(workers))
     try:
