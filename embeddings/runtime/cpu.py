@@ -5,12 +5,15 @@ from __future__ import annotations
 import functools
 
 # Flags that change which backend and dtype run fastest (../shared/MEASUREMENTS.md).
-FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "avx512f", "avx2")
+FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
+# Integer dot products (u8 x s8 summed to int32) without the 16-bit saturation of AVX2's VPMADDUBSW.
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
 @functools.cache
 def cpu_features() -> dict:
-    """{"model": name, "cores": n, "flags": [what of FLAGS it has], "amx": bool, "native_bf16": bool}."""
+    """{"model": name, "cores": n, "flags": [what of FLAGS it has], "amx": bool, "native_bf16": bool,
+    "vnni": bool}."""
     from clipsite.config import cpu_cores
 
     model, flags = "", set()
@@ -32,4 +35,10 @@ def cpu_features() -> dict:
         "flags": have,
         "amx": "amx_bf16" in flags,
         "native_bf16": "amx_bf16" in flags or "avx512_bf16" in flags,
+        "vnni": any(flag in flags for flag in VNNI_FLAGS),
     }
+
+
+def int8_reduce_range() -> bool:
+    """Whether int8 weights keep to 7 bits here: without VNNI, ONNX Runtime's int8 kernels saturate."""
+    return not cpu_features()["vnni"]

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from clipsite.config import RuntimeSettings
-from embeddings.runtime.cpu import cpu_features
+from embeddings.runtime.cpu import cpu_features, int8_reduce_range
 from embeddings.runtime.loading import (
     PREPARE_HINT,
     ModelLoadError,
@@ -318,6 +318,8 @@ def _prepare(source: ModelSource, settings: RuntimeSettings, folder: Path) -> Ma
         finally:
             opened.close()
         result |= {k: v for k, v in (choice or {}).items() if k in ("files", "vocabulary")}
+        if dtype == "int8":
+            result["weights"] = "7-bit (reduce_range): this CPU has no VNNI" if int8_reduce_range() else "8-bit"
     towers, parity, note = _choose(results, settings)
     logit_scale = getattr(model, "logit_scale", None)
     logit_bias = getattr(model, "logit_bias", None)

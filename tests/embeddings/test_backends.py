@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from embeddings.runtime.backends import Backend
+from embeddings.runtime.cpu import int8_reduce_range
 from embeddings.runtime.engine import InferenceFailed
 from embeddings.runtime.prepare import prepare
 from embeddings.runtime.preprocessing import Tokens
@@ -39,8 +40,17 @@ CONFIGS = {f"{b}-{d}": (b, d) for b, d in CPU_CONFIGS} | {"onnx-int8": ("onnx", 
 # The core promise for float32 and bfloat16; int8 is an opt-in trade, held to what it measures on these models.
 FLOORS = {name: (0.999, 0.9999) for name in CONFIGS} | {"onnx-int8": (0.99, 0.99)}
 # Every family on every backend and dtype this CPU offers (bfloat16 where it computes it natively).
-CASES = [(f, c) for f in FAMILIES for c in CONFIGS if c != "onnx-int8" and not offered(*CONFIGS[c])]
-CASES += [("clip", "onnx-int8")]
+OFFERED = [c for c in CONFIGS if c != "onnx-int8" and not offered(*CONFIGS[c])]
+CASES = [pytest.param((f, c), id=f"{f}-{c}") for f in FAMILIES for c in OFFERED]
+# int8's 0.99 holds where the CPU has VNNI; elsewhere its kernels saturate, the weights keep to 7 bits,
+# and prepare_model measures and flags what that gives (tests/embeddings/test_prepare.py).
+CASES += [
+    pytest.param(
+        ("clip", "onnx-int8"),
+        id="clip-onnx-int8",
+        marks=pytest.mark.skipif(int8_reduce_range(), reason="no VNNI: int8 is measured and flagged, not promised"),
+    )
+]
 
 
 def images():
@@ -69,7 +79,7 @@ def engines():
         engine.close()
 
 
-@pytest.fixture(params=CASES, ids=[f"{f}-{c}" for f, c in CASES])
+@pytest.fixture(params=CASES)
 def case(request, engines):
     family, config = request.param
     return family, config, engines(family, config)

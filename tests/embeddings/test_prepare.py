@@ -11,6 +11,7 @@ import pytest
 
 from embeddings.runtime import loading
 from embeddings.runtime import prepare as prepare_module
+from embeddings.runtime.cpu import int8_reduce_range
 from embeddings.runtime.loading import ModelNotPrepared
 from embeddings.runtime.prepare import CPU_CANDIDATES, PARITY_FLOOR, manifest_path, prepare, prepared_dir, read_manifest
 from embeddings.runtime.state import Runtime
@@ -167,15 +168,39 @@ def test_a_failed_export_falls_back_to_torch_and_says_why(model_copy, monkeypatc
 
 def test_forced_int8_is_measured_and_flagged_when_below_the_floor(model_copy):
     manifest = prepare(runtime_settings(model_copy, backend="onnx", dtype="int8"))[1]
+    seven_bit = int8_reduce_range()  # no VNNI here: the weights keep to 7 bits
+    suffix = ".int8-7bit.onnx" if seven_bit else ".int8.onnx"
     assert manifest.towers["text"] == {
         "backend": "onnx",
         "dtype": "int8",
-        "files": {"image": "image.int8.onnx", "text": "text.int8.onnx"},
+        "files": {"image": f"image{suffix}", "text": f"text{suffix}"},
     }
-    assert 0.99 < manifest.parity["image"] <= 1.0 and 0.99 < manifest.parity["text"] <= 1.0
+    assert manifest.candidates[0]["weights"].startswith("7-bit" if seven_bit else "8-bit")
+    assert 0 < manifest.parity["image"] <= 1.0 and 0 < manifest.parity["text"] <= 1.0
+    if not seven_bit:  # VNNI: what int8 is measured to give on these models
+        assert 0.99 < manifest.parity["image"] and 0.99 < manifest.parity["text"]
     assert manifest.faithful == all(manifest.parity[t] >= PARITY_FLOOR[t] for t in PARITY_FLOOR)
     if not manifest.faithful:
         assert "BELOW THE PARITY FLOOR" in manifest.note
+
+
+def test_int8_without_vnni_keeps_its_weights_to_7_bits_in_files_of_their_own(model_copy, monkeypatch):
+    # A CPU without VNNI, on any CPU: the 7-bit files sit beside the 8-bit ones (one volume, two kinds of node).
+    eight = prepare(runtime_settings(model_copy, backend="onnx", dtype="int8"))[1] if not int8_reduce_range() else None
+    from embeddings.runtime import cpu
+
+    avx2_only = {**cpu.cpu_features(), "flags": ["avx2"], "vnni": False, "native_bf16": False, "amx": False}
+    monkeypatch.setattr(cpu, "cpu_features", lambda: avx2_only)
+    monkeypatch.setattr(prepare_module, "cpu_features", lambda: avx2_only)  # its manifest: another CPU's
+    source, manifest = prepare(runtime_settings(model_copy, backend="onnx", dtype="int8"))
+    assert manifest.towers["image"]["files"] == {"image": "image.int8-7bit.onnx", "text": "text.int8-7bit.onnx"}
+    assert manifest.candidates[0]["weights"].startswith("7-bit")
+    folder = prepared_dir(source.model_dir, MODELS)
+    assert (folder / "image.int8-7bit.onnx").exists()
+    if eight is not None:
+        assert (folder / "image.int8.onnx").exists()
+        # 7-bit weights on a CPU that has VNNI: one bit less, still close to float32
+        assert manifest.parity["image"] > 0.99 and manifest.parity["text"] > 0.99
 
 
 def test_two_processes_preparing_at_once_agree(model_copy):

@@ -4,6 +4,12 @@
 Measured on our 2-core CPUs (../shared/MEASUREMENTS.md, `python manage.py bench`): float32 gives the
 same vectors as PyTorch, a little faster; int8 weights quantised per channel run ViT-B/32 images
 about 2x and texts about 2.3x faster, at cosine 0.9998 / 0.999 to the float32 vectors.
+
+Without VNNI (AVX2 only), ONNX Runtime's u8 x s8 kernels add pairs of products in 16 bits
+(VPMADDUBSW), which saturate: cosine 0.96-0.98 measured on the tiny test model. There the weights
+are quantised to 7 bits (``reduce_range``, ONNX Runtime's advice for such CPUs), into files of
+their own, so nodes of both kinds can share one prepared folder; prepare_model still measures the
+result against float32 and flags it if it falls below the floor.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import numpy as np
 import torch
 
 from embeddings.runtime.backends.torch import projections
+from embeddings.runtime.cpu import int8_reduce_range
 
 logger = logging.getLogger(__name__)
 
@@ -60,16 +67,16 @@ def export_tower(model, tower: str, example: dict[str, np.ndarray], path: Path) 
     os.replace(tmp, path)
 
 
-def quantize_int8(source: Path, path: Path) -> None:
+def quantize_int8(source: Path, path: Path, *, reduce_range: bool) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    quantize_dynamic(str(source), str(tmp), per_channel=True, weight_type=QuantType.QInt8)
+    quantize_dynamic(str(source), str(tmp), per_channel=True, reduce_range=reduce_range, weight_type=QuantType.QInt8)
     os.replace(tmp, path)
 
 
 def file_names(dtype: str) -> dict[str, str]:
-    suffix = ".int8.onnx" if dtype == "int8" else ".onnx"
+    suffix = {"int8": ".int8.onnx", "int8-7bit": ".int8-7bit.onnx"}.get(dtype, ".onnx")
     return {tower: f"{tower}{suffix}" for tower in ("image", "text")}
 
 
@@ -80,12 +87,14 @@ def export_model(
     the versions and the input names stay the same. Returns {tower: file name}."""
     import onnxruntime
 
-    names = file_names(dtype)
+    reduce_range = dtype == "int8" and int8_reduce_range()
+    variant = "int8-7bit" if reduce_range else dtype
+    names = file_names(variant)
     key = hashlib.sha256(
         json.dumps(
             [
                 fingerprint,
-                dtype,
+                variant,
                 torch.__version__,
                 onnxruntime.__version__,
                 OPSET,
@@ -98,17 +107,21 @@ def export_model(
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError):
         meta = {}
-    if meta.get(dtype) == key and all((folder / n).exists() for n in names.values()):
+    if meta.get(variant) == key and all((folder / n).exists() for n in names.values()):
         return names
     logger.info(
-        "Exporting the model to ONNX%s in %s (once)", " and quantising to int8" if dtype == "int8" else "", folder
+        "Exporting the model to ONNX%s in %s (once)",
+        {"int8": " and quantising to int8", "int8-7bit": " and quantising to int8 (7-bit weights: no VNNI)"}.get(
+            variant, ""
+        ),
+        folder,
     )
     for tower, example in examples.items():
         fp32 = folder / f"{tower}.onnx"
         export_tower(model, tower, example, fp32)
         if dtype == "int8":
-            quantize_int8(fp32, folder / names[tower])
-    meta[dtype] = key
+            quantize_int8(fp32, folder / names[tower], reduce_range=reduce_range)
+    meta[variant] = key
     meta_path.write_text(json.dumps(meta))
     return names
 
