@@ -63,6 +63,10 @@ class ServerSettings:
     workers: int
     threads: int
     cores: int
+    max_connections: int  # open connections per worker; past it, the oldest idle one is pushed out
+    header_timeout_s: float  # from the accept (or a kept-alive request's first byte) to the headers' end
+    body_timeout_s: float  # the longest pause inside a request's body
+    keepalive_s: int  # an idle kept-alive connection
 
 
 @dataclass(frozen=True)
@@ -233,6 +237,42 @@ VARIABLES: tuple[Var, ...] = (
     Var("PORT", 8081, _int, "clipsite.E007", "A TCP port from 1 to 65535.", minimum=1, maximum=65535),
     Var("WEB_CONCURRENCY", None, _int, "clipsite.E008", "Worker processes, 1 to 64.", minimum=1, maximum=64),
     Var("WEB_THREADS", 8, _int, "clipsite.E009", "Request threads per worker, 1 to 256.", minimum=1, maximum=256),
+    Var(
+        "WEB_MAX_CONNECTIONS",
+        1000,
+        _int,
+        "clipsite.E059",
+        "Open connections per worker, 10 to 100000 (at the cap the oldest idle one is closed).",
+        minimum=10,
+        maximum=100_000,
+    ),
+    Var(
+        "WEB_HEADER_TIMEOUT",
+        10.0,
+        _float,
+        "clipsite.E060",
+        "Seconds from a connection's accept to its request's last header, 0.1 to 600.",
+        minimum=0.1,
+        maximum=600,
+    ),
+    Var(
+        "WEB_BODY_TIMEOUT",
+        30.0,
+        _float,
+        "clipsite.E061",
+        "Seconds a request's body may pause between two reads, 0.1 to 600.",
+        minimum=0.1,
+        maximum=600,
+    ),
+    Var(
+        "WEB_KEEPALIVE",
+        5,
+        _int,
+        "clipsite.E062",
+        "Seconds an idle kept-alive connection stays, 0 to 600.",
+        minimum=0,
+        maximum=600,
+    ),
     Var("CLIP_MODEL", "", _str, "clipsite.E010", "A Hugging Face id, a save_pretrained folder or the original layout."),
     Var("CLIP_MODELS_DIR", "/home/models/clip_models", _str, "clipsite.E011", "A folder this user can write."),
     Var("CLIP_DEVICE", "cpu", _choice, "clipsite.E012", "cpu, cuda or auto.", choices=("cpu", "cuda", "auto")),
@@ -443,7 +483,16 @@ def load(environ: Mapping[str, str], *, base_dir: Path) -> tuple[Config, list[Pr
         hsts_seconds=v["DJANGO_HSTS_SECONDS"],
         database_url=v["DATABASE_URL"] or f"sqlite:///{base_dir / 'var' / 'db.sqlite3'}",
         log_level=v["LOG_LEVEL"].upper(),
-        server=ServerSettings(port=v["PORT"], workers=workers, threads=v["WEB_THREADS"], cores=cores),
+        server=ServerSettings(
+            port=v["PORT"],
+            workers=workers,
+            threads=v["WEB_THREADS"],
+            cores=cores,
+            max_connections=v["WEB_MAX_CONNECTIONS"],
+            header_timeout_s=float(v["WEB_HEADER_TIMEOUT"]),
+            body_timeout_s=float(v["WEB_BODY_TIMEOUT"]),
+            keepalive_s=v["WEB_KEEPALIVE"],
+        ),
         limits=Limits(
             max_text_words=v["CLIP_MAX_TEXT_WORDS"],
             max_text_chars=v["CLIP_MAX_TEXT_CHARS"],

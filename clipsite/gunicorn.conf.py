@@ -21,9 +21,19 @@ wsgi_app = "clipsite.wsgi:application"
 worker_class = "clipsite.workers.BufferingThreadWorker"
 workers = _config.server.workers
 threads = _config.server.threads
+# Set on purpose: at the cap the worker closes its oldest idle connection (or answers 503) and goes on
+# polling; its header and body timeouts come from the same settings (clipsite/workers.py).
+worker_connections = _config.server.max_connections
 timeout = 120
 graceful_timeout = 30
-keepalive = 5
+keepalive = _config.server.keepalive_s
+# gunicorn's own limits, which the worker enforces before gunicorn's parser sees a request (414, 431).
+limit_request_line = 4094
+limit_request_fields = 100
+limit_request_field_size = 8190
+# Answers are written with a send timeout (a client that stops reading frees its thread); os.sendfile
+# on such a socket would fail with EAGAIN instead.
+sendfile = False
 # The original spec's header is literally "request_id", and gunicorn refuses or drops every header
 # with an underscore (X_Forwarded_For would otherwise merge into X-Forwarded-For). Drop them all but
 # REQUEST_ID: gunicorn keeps the "forwarder" headers it is told to, from any peer here, and no other

@@ -60,6 +60,12 @@ IN_FLIGHT = Gauge(
     multiprocess_mode="livesum",
 )
 REJECTIONS = Counter("clipsite_rejections", "Requests answered with an error, by its code.", ["code"])
+EDGE_CLOSED = Counter(
+    "clipsite_connections_closed",
+    "Connections the server's edge closed before a request reached the application, by why "
+    "(header_timeout, body_timeout, keepalive_timeout, evicted, shed, malformed_http, headers_too_large, ...).",
+    ["reason"],
+)
 
 
 def exposition() -> tuple[bytes, str]:

@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-from clipsite.workers import request_complete
 from tests.conftest import multipart_body
 from tests.server import raw_http, serving
 
@@ -57,20 +56,3 @@ def test_48_clients_dripping_their_requests_do_not_hold_the_threads(tmp_path, ti
         finally:
             for s in slow:
                 s.close()
-
-
-@pytest.mark.parametrize(
-    "data, complete",
-    [
-        (b"POST / HTTP/1.1\r\nHost: x\r\n", False),
-        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", True),
-        (b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nabc", False),
-        (b"POST / HTTP/1.1\r\ncontent-length: 5\r\n\r\nabcde", True),
-        (b"POST / HTTP/1.1\r\nContent-Length: 999999999999\r\n\r\n", True),  # refused from its headers
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n", False),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", True),
-        (b"x" * (70 * 1024), True),  # no end of headers in sight: gunicorn's parser refuses it
-    ],
-)
-def test_when_a_request_is_whole(data, complete):
-    assert request_complete(data, max_body=1000) is complete
