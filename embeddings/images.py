@@ -273,11 +273,28 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         im = Image.merge("RGBa", (luminance, luminance, luminance, alpha))
     bands = im.getbands()
     if "A" in bands or "a" in bands or im.info.get("transparency") is not None:
-        # transformers.image_transforms.convert_to_rgb, step for step, so vectors match theirs.
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, _WHITE)
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        return _composite_on_white(im)
     return im.convert("RGB")
+
+
+# Rows of an image composited at once: transformers' recipe makes three full-size RGBA copies (12 bytes
+# a pixel beside the source); a band of about a million pixels at a time makes them megabytes.
+COMPOSITE_BAND_PIXELS = 1 << 20
+
+
+def _composite_on_white(im: Image.Image) -> Image.Image:
+    """transformers.image_transforms.convert_to_rgb (RGBA, alpha_composite on white, RGB), step for
+    step so vectors match theirs, but one band of rows at a time: every pixel's result depends on that
+    pixel alone, so the bands give the same bytes as the whole."""
+    width, height = im.size
+    out = Image.new("RGB", im.size)
+    rows = max(1, COMPOSITE_BAND_PIXELS // width)
+    for top in range(0, height, rows):
+        box = (0, top, width, min(height, top + rows))
+        rgba = im.crop(box).convert("RGBA")  # crop keeps the palette and the transparency
+        background = Image.new("RGBA", rgba.size, _WHITE)
+        out.paste(Image.alpha_composite(background, rgba).convert("RGB"), box)
+    return out
 
 
 def _is_sixteen_bit(im: Image.Image) -> bool:

@@ -237,6 +237,60 @@ def test_rgb_png_with_transparent_colour_is_composited_like_transformers():
     assert tuple(got[0, 0]) == (255, 255, 255)
 
 
+def _transparent_files() -> dict[str, bytes]:
+    palette = gradient_image(45, 31).quantize(16)
+    rgb = gradient_image(45, 31)
+    return {
+        "rgba-png": image_bytes(rgba_picture(45, 31), "PNG"),
+        "la-png": image_bytes(rgba_picture(45, 31).convert("LA"), "PNG"),
+        "palette-png": image_bytes(palette, "PNG", transparency=palette.getpixel((0, 0))),
+        "palette-gif": image_bytes(palette, "GIF", transparency=palette.getpixel((0, 0))),
+        "rgb-png-transparent-colour": image_bytes(rgb, "PNG", transparency=rgb.getpixel((0, 0))),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_transparent_files()))
+@pytest.mark.parametrize("band_pixels", [45, 100, 45 * 31 - 1])  # one row, rows and a remainder, two bands
+def test_transparency_is_composited_band_by_band_to_transformers_bytes(monkeypatch, name, band_pixels):
+    from embeddings import images
+
+    monkeypatch.setattr(images, "COMPOSITE_BAND_PIXELS", band_pixels)
+    data = _transparent_files()[name]
+    assert np.array_equal(np.asarray(decode_image(data).image), transformers_rgb(data))
+
+
+_DECODE_PEAK = """
+import io
+from PIL import Image
+from embeddings.images import decode_image
+
+def status(field):
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith(field))
+
+side = 4000
+im = Image.new("P", (side, side)); im.putpalette([i % 256 for i in range(768)])
+buffer = io.BytesIO(); im.save(buffer, "PNG", transparency=0); data = buffer.getvalue(); del im
+with open("/proc/self/clear_refs", "w") as handle:
+    handle.write("5")  # the peak (VmHWM) starts again from here
+before = status("VmRSS:")
+decoded = decode_image(data, max_pixels=side * side)
+print((status("VmHWM:") - before) * 1024 / side / side)
+"""
+
+
+def test_a_small_palette_png_with_transparency_decodes_in_a_few_bytes_a_pixel():
+    # The 6 kB file that decodes to 16 megapixels: transformers' recipe peaks near 17 bytes a pixel
+    # (three full-size RGBA copies); band by band it is the source, the RGB out and a band.
+    import subprocess
+    import sys
+
+    peak = float(
+        subprocess.run([sys.executable, "-c", _DECODE_PEAK], capture_output=True, text=True, check=True).stdout
+    )
+    assert peak < 8, f"{peak:.1f} bytes a pixel"
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "TIFF"])
 def test_cmyk_becomes_rgb_like_transformers(fmt):
     data = image_bytes(gradient_image(40, 30).convert("CMYK"), fmt)
