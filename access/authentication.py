@@ -6,7 +6,9 @@ from django.core import signing
 from django.db import DatabaseError
 from rest_framework import authentication, exceptions, permissions, throttling
 
-from access.services import KEY_PREFIX, ApiClient, api_key_check
+from access import ratelimit
+from access.identity import address_identity, client_identity
+from access.services import KEY_PREFIX, TooManyFailedLookups, api_key_check
 from clipsite.config import current
 from embeddings import errors
 
@@ -25,13 +27,18 @@ def presented_key(request) -> str | None:
 
 
 class ApiKeyAuthentication(authentication.BaseAuthentication):
-    """A request with a key is authenticated by it; a wrong or revoked key is a 401 whatever the setting."""
+    """A request with a key is authenticated by it; a wrong or revoked key is a 401 whatever the setting,
+    and an address that has sent too many of them a 429 before its next new key is looked up."""
 
     def authenticate(self, request):
         raw = presented_key(request)
         if raw is None:
             return None
-        client = api_key_check(raw=raw)
+        try:
+            client = api_key_check(raw=raw, address=address_identity(request))
+        except TooManyFailedLookups as exc:
+            message = "Too many API keys sent from this address were not valid."
+            raise exceptions.Throttled(wait=exc.wait, detail=message) from None
         if client is None:
             raise exceptions.AuthenticationFailed("The API key is not valid (unknown or revoked).")
         return client, client
@@ -43,8 +50,9 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
 class OpenAiKeyAuthentication(ApiKeyAuthentication):
     """The OpenAI-compatible paths. OpenAI's SDKs always send some key, so where none is required an
     unknown one is taken as no key (as vLLM and infinity do), and one that is not even shaped like ours
-    costs no database query; a known key still counts as itself. With CLIP_REQUIRE_API_KEY a wrong key
-    is the 401 it is everywhere, and a database that does not answer a 503, never a 500."""
+    costs no database query (nor does one from an address past its failed lookups); a known key still
+    counts as itself. With CLIP_REQUIRE_API_KEY a wrong key is the 401 it is everywhere, and a database
+    that does not answer a 503, never a 500."""
 
     def authenticate(self, request):
         raw = presented_key(request)
@@ -53,7 +61,7 @@ class OpenAiKeyAuthentication(ApiKeyAuthentication):
             return None
         try:
             return super().authenticate(request)
-        except exceptions.AuthenticationFailed:
+        except (exceptions.AuthenticationFailed, exceptions.Throttled):
             if required:
                 raise
             return None
@@ -97,35 +105,22 @@ class RequireApiKey(permissions.BasePermission):
         return bool(user is not None and getattr(user, "is_authenticated", False))
 
 
-class ClientRateThrottle(throttling.SimpleRateThrottle):
-    """CLIP_RATE_LIMIT per key, or per client address for requests without one, across every worker
-    (the cache is shared: settings.CACHES["throttle"])."""
+def rate_limit_wait(request) -> float | None:
+    """Count ``request`` against CLIP_RATE_LIMIT for its client (access/identity.py): None when it is
+    allowed, else the seconds to wait. The API's throttle and the demo page's forms both ask this."""
+    rate = current().access.rate_limit  # read each time: tests (and a reload) may change it
+    if not rate:
+        return None
+    limit, period = ratelimit.parse_rate(rate)
+    return ratelimit.take(f"rate-{client_identity(request)}", limit=limit, period=period)
 
-    scope = "clip"
-    cache_name = "throttle"
 
-    def __init__(self):
-        from django.core.cache import caches
+class ClientRateThrottle(throttling.BaseThrottle):
+    """CLIP_RATE_LIMIT per client, counted in the store every worker shares (access/ratelimit.py)."""
 
-        self.cache = caches[self.cache_name]
-        super().__init__()
+    def allow_request(self, request, view) -> bool:
+        self._wait = rate_limit_wait(request)
+        return self._wait is None
 
-    def get_rate(self):
-        return current().access.rate_limit or None
-
-    def allow_request(self, request, view):
-        self.rate = self.get_rate()  # read each time: tests (and a reload) may change it
-        if self.rate is None:
-            return True
-        self.num_requests, self.duration = self.parse_rate(self.rate)
-        return super().allow_request(request, view)
-
-    def get_cache_key(self, request, view):
-        user = getattr(request, "user", None)
-        if isinstance(user, ApiClient):
-            ident = f"key-{user.key_id}"
-        elif user is not None and getattr(user, "is_staff", False):
-            ident = f"staff-{user.pk}"
-        else:
-            ident = f"addr-{self.get_ident(request)}"
-        return self.cache_format % {"scope": self.scope, "ident": ident}
+    def wait(self) -> float | None:
+        return self._wait

@@ -188,3 +188,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("django_db") or DATABASE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.database)
+
+
+@pytest.fixture(autouse=True)
+def fresh_counts():
+    """Each test counts from zero: no rate-limit counts, failed key lookups or key verdicts of another
+    test's (test_fuzz sends many bad keys from one address)."""
+    from django.core.cache import caches
+
+    from access import ratelimit, services
+
+    def forget():
+        caches["throttle"].clear()
+        services._verdicts.clear()
+        ratelimit._store_down_until = 0.0  # a test's failing store is not the next one's
+
+    forget()
+    yield
+    forget()
