@@ -156,19 +156,49 @@ def test_embeddings_never_touch_the_database(client, clip, jpeg, django_assert_n
 
 
 # --- PostgreSQL (the suite's second pass: scripts/with-postgres.sh) -----------------------------------
-def test_database_url_postgres_gives_psycopg3_persistent_health_checked_connections(tmp_path):
+def postgres_settings(url: str, **env: str) -> dict:
+    """settings.DATABASES["default"] for DATABASE_URL=``url``, in a fresh process."""
     code = "from clipsite import settings; import json; print(json.dumps(settings.DATABASES['default']))"
-    env = {**os.environ, "DATABASE_URL": "postgres://clip:pw@db.internal:5433/clipsite?sslmode=require"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    environ = {**os.environ, "DATABASE_URL": url, **env}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=environ, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
-    db = json.loads(done.stdout)
-    assert db["ENGINE"] == "django.db.backends.postgresql" and (db["HOST"], db["PORT"], db["NAME"]) == (
+    return json.loads(done.stdout)
+
+
+def test_database_url_postgres_gives_psycopg3_persistent_health_checked_connections_with_deadlines():
+    db = postgres_settings("postgres://clip:pw@db.internal:5433/clipsite?sslmode=require")
+    # Django's backend, with a client-side deadline on every wait (clipsite/postgresql/base.py).
+    assert db["ENGINE"] == "clipsite.postgresql" and (db["HOST"], db["PORT"], db["NAME"]) == (
         "db.internal",
         5433,
         "clipsite",
     )
     assert db["CONN_MAX_AGE"] == 60 and db["CONN_HEALTH_CHECKS"] is True
-    assert db["OPTIONS"] == {"sslmode": "require", "connect_timeout": 3, "options": "-c lock_timeout=2000"}
+    assert db["OPTIONS"] == {
+        "sslmode": "require",
+        "connect_timeout": 3,
+        "options": "-c lock_timeout=2000 -c statement_timeout=5000",
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 2,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 5000,
+        "client_timeout": 6.0,
+    }
+
+
+def test_a_database_urls_own_values_win_and_database_timeout_0_sets_no_query_limit():
+    own = "options=-c%20statement_timeout%3D60000&tcp_user_timeout=20000&keepalives_idle=30&client_timeout=61"
+    options = postgres_settings(f"postgres://clip:pw@db.internal/clipsite?{own}")["OPTIONS"]
+    # The URL's statement_timeout stays, and ours that it does not name is added beside it.
+    assert options["options"] == "-c statement_timeout=60000 -c lock_timeout=2000"
+    assert (options["tcp_user_timeout"], options["keepalives_idle"], options["client_timeout"]) == (20000, 30, 61)
+    unlimited = postgres_settings("postgres://clip:pw@db.internal/clipsite", DATABASE_TIMEOUT="0")["OPTIONS"]
+    assert unlimited["options"] == "-c lock_timeout=2000"  # a lock is still waited for 2 s at most
+    assert "tcp_user_timeout" not in unlimited and "client_timeout" not in unlimited
+    assert unlimited["connect_timeout"] == 3
 
 
 @pytest.mark.django_db
@@ -181,3 +211,16 @@ def test_on_postgresql_a_held_lock_is_a_quick_error_not_a_stall():
     with connection.cursor() as cursor:
         cursor.execute("SHOW lock_timeout")
         assert cursor.fetchone()[0] == f"{django_settings.SQLITE_BUSY_TIMEOUT_S}s"
+
+
+@pytest.mark.django_db
+def test_on_postgresql_every_query_has_a_server_and_a_client_deadline():
+    if connection.vendor != "postgresql":
+        pytest.skip("DATABASE_URL is not PostgreSQL (test.sh's second pass runs this)")
+    from clipsite.postgresql.base import DeadlineConnection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW statement_timeout")
+        assert cursor.fetchone()[0] == "5s"
+    # The client's own, for a server that does not answer at all (tests/test_database_faults.py freezes one).
+    assert isinstance(connection.connection, DeadlineConnection) and connection.connection.deadline_s == 6.0

@@ -1,0 +1,1 @@
+"""Django's PostgreSQL backend with a deadline on the server's answers: ENGINE "clipsite.postgresql"."""
