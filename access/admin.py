@@ -1,9 +1,15 @@
-"""API keys in admin: a key is shown once, when it is created; revoking refuses it within seconds."""
+"""API keys in admin: a key is shown once, in the page that answers its creation; revoking refuses it
+within seconds.
+
+The key is rendered into that one response and kept nowhere else: not in a message (Django's messages
+travel in a cookie, or in the session), not in the session, not in a redirect's URL.
+"""
 
 from __future__ import annotations
 
 from django import forms
 from django.contrib import admin, messages
+from django.template.response import TemplateResponse
 from django.utils import timezone
 
 from access.models import ApiKey
@@ -38,7 +44,22 @@ class ApiKeyAdmin(admin.ModelAdmin):
             return
         key, raw = api_key_create(name=form.cleaned_data["name"])
         obj.pk, obj.prefix, obj.digest, obj.created_at = key.pk, key.prefix, key.digest, key.created_at
-        messages.warning(request, f"The new key for {key.name}, shown only this once: {raw}")
+        obj.raw_key = raw  # this request's object only: response_add renders it, nothing stores it
+
+    def response_add(self, request, obj, post_url_continue=None):
+        # Answered here, not redirected: a redirect would need the key to travel to the next request.
+        # The admin marks its pages never_cache (no-store), this one included.
+        return TemplateResponse(
+            request,
+            "admin/access/apikey/created.html",
+            {
+                **self.admin_site.each_context(request),
+                "opts": self.opts,
+                "title": f"API key {obj.name} created",
+                "key": obj,
+                "raw_key": obj.raw_key,
+            },
+        )
 
     @admin.action(description="Revoke the selected keys")
     def revoke(self, request, queryset):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up: .venv with the pinned packages (reinstalled only when requirements change);
-# with --dev, the test tools, Debian's Chromium for the browser tests and PostgreSQL for the database pass.
+# with --dev, the test tools, Debian's Chromium for the browser tests, PostgreSQL for the database pass
+# and nginx for the deployment tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=0
@@ -19,6 +20,10 @@ missing=()
 if [ $dev = 1 ]; then
   [ -x /usr/bin/chromium ] || missing+=(chromium)
   compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null || missing+=(postgresql)
+  # tests/test_deploy.py runs deploy/nginx.conf in a real nginx (skipped without one).
+  command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+  # tests/access/test_rate_limit_store.py counts two replicas together through a real Redis.
+  command -v redis-server >/dev/null || missing+=(redis-server)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null; then

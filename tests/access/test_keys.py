@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 from django.core.management import call_command
@@ -85,17 +86,28 @@ def test_the_demo_page_keeps_working_for_logged_in_staff(client, admin_client, k
 
 
 def test_admin_shows_a_new_key_once_and_revokes(admin_client, clip):
-    response = admin_client.post("/admin/access/apikey/add/", {"name": "from-admin"}, follow=True)
-    assert response.status_code == 200
-    shown = [str(m) for m in response.context["messages"]]
-    raw = next(m.split(": ")[-1] for m in shown if "shown only this once" in m)
+    response = admin_client.post("/admin/access/apikey/add/", {"name": "from-admin"})
+    assert response.status_code == 200  # the key's page itself, not a redirect the key would have to follow
+    raw = re.search(r'<code id="api-key">(clip_[^<]+)</code>', response.content.decode()).group(1)
     key = ApiKey.objects.get(name="from-admin")
     assert key.digest == digest_of(raw)
+    assert "no-store" in response["Cache-Control"]
     page = admin_client.get(f"/admin/access/apikey/{key.pk}/change/").content.decode()
     assert raw not in page
     admin_client.post("/admin/access/apikey/", {"action": "revoke", "_selected_action": [key.pk]})
     key.refresh_from_db()
     assert key.revoked_at is not None
+
+
+def test_a_new_key_travels_in_no_cookie_message_or_session(admin_client, clip):
+    response = admin_client.post("/admin/access/apikey/add/", {"name": "from-admin"})
+    raw = re.search(r'<code id="api-key">(clip_[^<]+)</code>', response.content.decode()).group(1)
+    assert all(raw not in morsel.OutputString() for morsel in response.cookies.values())
+    assert all(raw not in str(value) for value in admin_client.session.values())
+    assert [str(message) for message in response.context["messages"]] == []
+    # Nor on the next page, where a message queued by the add would be shown.
+    after = admin_client.get("/admin/access/apikey/")
+    assert raw not in after.content.decode() and raw not in str(after.cookies)
 
 
 def test_the_rate_limit_answers_429_with_retry_after_per_key(client, settings, clip):
