@@ -45,6 +45,7 @@ def measure_preset(preset: str, *, workers: int, seconds: float, tmp: Path) -> d
         while ready.get("workers", {}).get("ready", workers) < workers and time.monotonic() < deadline:
             time.sleep(0.5)  # polling /readyz until every worker has loaded
             ready = server.wait_ready()
+        ready = server.details()  # the backend each tower runs on
         at_ready = replica_memory(server.proc.pid)
         bodies = [multipart("image", jpeg, "photo.jpg") for jpeg in photo_jpegs((640, 480))]
         bodies += [multipart("text", f"a photo of a {word}", None) for word in ("cat", "red car", "rocket")]

@@ -7,21 +7,26 @@ the same decoding (``services.image_of``, the same limits), the same default uni
 - **The walk**: each PATH in the order given; a folder is walked recursively and its files are taken in
   the sorted order of their path below it. Entries whose name starts with a dot are passed over (with
   what is below them), and so are files not named as images (``IMAGE_SUFFIXES``); a file named as a
-  PATH is always taken. Links to files are followed, links to folders are not.
+  PATH is always taken. Links to files are followed, links to folders are not. Only regular files are
+  read: a FIFO, a socket or a device (or a link to one) is reported as ``not_a_regular_file``, never
+  opened for reading, so a named pipe cannot hold the run forever.
 - **Shards**: ``--shard I/N`` keeps the items whose key falls in shard I of N by SHA-256 (never
   Python's ``hash()``, which changes per process): an image's key is its path below the PATH it was
   found under, so the split does not depend on where the collection is mounted; a text's is its line
   number.
 - **The journal** (``STEM.journal.jsonl`` beside OUT) is the durable record: a header naming the
-  model, then one JSON line per item embedded, appended and fsync'd per batch. A run reads it first
+  model, the fingerprint of its weights (the prepared manifest's), and the backend and dtype of each
+  tower, then one JSON line per item embedded, appended and fsync'd per batch. A run reads it first
   and skips every item whose path (texts: file and line) and SHA-256 it already holds, so a run killed
-  at any point resumes where its last batch ended. At the end OUT is written from the journal (a
-  temporary file, then ``os.replace``) with the items of this run only: a changed file is embedded
-  again and its old vector dropped; a deleted file, or one now in another shard, is dropped. The
-  journal is then compacted to the same items and kept, so the next run resumes from it.
-- **Bad items** (not an image, too large, unreadable, a text too long...) are written to
-  ``STEM.errors.jsonl`` with the API's error codes and do not stop the run. They are tried again on
-  every run.
+  at any point resumes where its last batch ended. A journal whose header differs from this run's
+  (other weights at the same path, another backend or dtype) is refused: its vectors are not this
+  run's. At the end OUT is written from the journal (a temporary file, then ``os.replace``) with the
+  items of this run only: a changed file is embedded again and its old vector dropped; a deleted file,
+  or one now in another shard, is dropped. The journal is then compacted to the same items and kept,
+  so the next run resumes from it.
+- **Bad items** (not an image, too large, unreadable, not a regular file, a text too long...) are
+  written to ``STEM.errors.jsonl`` with the API's error codes (and two of ours, ``unreadable_file`` and
+  ``not_a_regular_file``) and do not stop the run. They are tried again on every run.
 
 Memory: one batch of model inputs, plus a few hundred bytes per item for the index of the journal and
 of this run's items. OUT is streamed from the journal (npy through a memory map, parquet in row groups
@@ -37,6 +42,7 @@ import hashlib
 import logging
 import math
 import os
+import stat
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -50,6 +56,7 @@ from clipsite.config import current
 from embeddings import errors, services
 from embeddings.multipart import Part
 from embeddings.runtime.engine import DeadlineExceeded, Engine, EngineStopped, InferenceFailed, QueueFull
+from embeddings.runtime.prepare import Manifest
 from embeddings.runtime.state import open_engine, runtime
 
 logger = logging.getLogger(__name__)
@@ -60,9 +67,12 @@ FORMATS = ("jsonl", "npy", "parquet")
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff"}
 )
-JOURNAL_VERSION = 1
+# 2: the header names the weights' fingerprint and each tower's backend and dtype.
+JOURNAL_VERSION = 2
 PARQUET_ROW_GROUP = 8192
-UNREADABLE = "unreadable_file"  # the one code of ours: the API never reads files
+# Codes of ours (the API never reads files): a file that cannot be read, and an entry that is not a file.
+UNREADABLE = "unreadable_file"
+NOT_REGULAR = "not_a_regular_file"
 SHOWN_ERRORS = 20
 
 
@@ -194,21 +204,22 @@ class BulkReport:
 
 # --- the engine ------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def batch_engine() -> Iterator[Engine]:
-    """The configured model's engine, loaded the way a server worker loads it (``open_engine``, from the
-    manifest prepare_model wrote): this process's runtime when it already serves this configuration,
-    else one opened for the run and closed after. Raises ModelLoadError (ModelNotPrepared) as a worker does.
+def batch_engine() -> Iterator[tuple[Engine, Manifest]]:
+    """The configured model's engine and its manifest, loaded the way a server worker loads them
+    (``open_engine``, from the manifest prepare_model wrote): this process's runtime when it already
+    serves this configuration, else one opened for the run and closed after. Raises ModelLoadError
+    (ModelNotPrepared) as a worker does.
     """
     settings = current().runtime
     if runtime.ready and runtime.settings == settings:
-        yield runtime.engine()
+        yield runtime.engine(), runtime.manifest
         return
     engine, manifest = open_engine(settings)
     try:
         engine.warm_up()
         if not manifest.faithful:
             logger.warning("The backend is below the parity floor: %s. %s", manifest.describe(), manifest.note)
-        yield engine
+        yield engine, manifest
     finally:
         engine.close()
 
@@ -312,6 +323,17 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+# What a journal's vectors depend on, in its header: a journal that differs in any of them is refused.
+_IDENTITY = ("model", "dim", "fingerprint", "backend", "dtype")
+_IDENTITY_WORDS = {
+    "model": "model",
+    "dim": "dimensions",
+    "fingerprint": "weights (prepare_model's fingerprint of the model's files)",
+    "backend": "backend",
+    "dtype": "dtype",
+}
+
+
 class Journal:
     """The append-only record of what was embedded: a header line, then one JSON line per item.
 
@@ -319,15 +341,28 @@ class Journal:
     killed mid-write) is cut off when the journal is opened.
     """
 
-    def __init__(self, path: Path, *, model: str, dim: int):
+    def __init__(self, path: Path, *, model: str, dim: int, fingerprint: str, backend: dict, dtype: dict):
         self.path, self.model, self.dim = path, model, dim
+        self.identity = {"model": model, "dim": dim, "fingerprint": fingerprint, "backend": backend, "dtype": dtype}
         self.latest: dict[str, tuple[bytes, int]] = {}
         self.entries = 0
         self._file = None
 
+    @classmethod
+    def of(cls, path: Path, engine: Engine, manifest: Manifest) -> Journal:
+        """The journal of a run with ``engine``: its model, weights, and each tower's backend and dtype."""
+        return cls(
+            path,
+            model=engine.name,
+            dim=engine.dim,
+            fingerprint=manifest.fingerprint,
+            backend={tower: b.name for tower, b in engine.backends.items()},
+            dtype={tower: b.dtype for tower, b in engine.backends.items()},
+        )
+
     @property
     def header(self) -> dict:
-        return {"clipsite_journal": JOURNAL_VERSION, "model": self.model, "dim": self.dim, "normalized": True}
+        return {"clipsite_journal": JOURNAL_VERSION, **self.identity, "normalized": True}
 
     def open(self) -> Journal:
         good_end = 0
@@ -357,12 +392,23 @@ class Journal:
             header = orjson.loads(first)
         except orjson.JSONDecodeError:
             header = None
+        if isinstance(header, dict) and header.get("clipsite_journal") == 1:
+            raise BulkUsageError(
+                f"{self.path} was written by an older clipsite, without the fingerprint of the weights, so a "
+                "run cannot tell whether its vectors are this model's: delete it (and OUT) to embed again, "
+                "or choose another --out"
+            )
         if not isinstance(header, dict) or header.get("clipsite_journal") != JOURNAL_VERSION:
             raise BulkUsageError(f"{self.path} is not a journal of this version: move it away, or choose another --out")
-        if header.get("model") != self.model or header.get("dim") != self.dim:
+        changed = [name for name in _IDENTITY if header.get(name) != self.identity[name]]
+        if changed:
+            differences = "; ".join(
+                f"{_IDENTITY_WORDS[name]} {_shown(header.get(name))} there, {_shown(self.identity[name])} now"
+                for name in changed
+            )
             raise BulkUsageError(
-                f"{self.path} holds vectors of {header.get('model')!r} (dim {header.get('dim')}), but this run "
-                f"embeds with {self.model!r} (dim {self.dim}): delete it (and OUT), or choose another --out"
+                f"{self.path} holds vectors this run would not compute ({differences}): delete it (and OUT) "
+                "to embed everything again, or choose another --out"
             )
         end = f.tell()
         for line in f:
@@ -424,6 +470,12 @@ class Journal:
             f.readline()
             for ordinal, line in enumerate(f):
                 yield ordinal, line, orjson.loads(line)
+
+
+def _shown(value) -> str:
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in sorted(value.items())) or "-"
+    return repr(value)
 
 
 # --- writing OUT -----------------------------------------------------------------------------------
@@ -561,13 +613,14 @@ def bulk_embed(
             raise BulkUsageError(f"{root}: no such file or folder")
     texts = os.path.normpath(texts_file) if texts_file is not None else None
     if texts is not None and not os.path.isfile(texts):
-        raise BulkUsageError(f"--texts {texts}: no such file")
+        what = "not a regular file" if os.path.exists(texts) else "no such file"  # a FIFO would block the run
+        raise BulkUsageError(f"--texts {texts}: {what}")
     if not roots and texts is None:
         raise BulkUsageError("name at least one PATH (image files or folders) or --texts FILE")
     if batch_size is not None and batch_size < 1:
         raise BulkUsageError(f"--batch-size {batch_size} is not a positive number")
     shard = shard or Shard(0, 1)
-    with batch_engine() as engine:
+    with batch_engine() as (engine, manifest):
         batch_size = _batch_size(batch_size, engine)
         outputs.out.parent.mkdir(parents=True, exist_ok=True)
         with open(outputs.lock, "a") as lock:
@@ -576,12 +629,31 @@ def bulk_embed(
             except BlockingIOError:
                 logger.warning("Another run is writing %s: waiting for it to finish", outputs.out)
                 fcntl.flock(lock, fcntl.LOCK_EX)  # then resume from what it journaled
-            journal = Journal(outputs.journal, model=engine.name, dim=engine.dim).open()
+            journal = Journal.of(outputs.journal, engine, manifest).open()
             try:
                 run = _Run(engine=engine, journal=journal, outputs=outputs, batch_size=batch_size, progress=progress)
                 return run.execute(roots=roots, texts=texts, shard=shard)
             finally:
                 journal.close()
+
+
+class NotARegularFile(Exception):
+    """A FIFO, a socket, a device...: never read (the message names which)."""
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a folder"),
+)
+
+
+def _check_regular(mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a file")
+        raise NotARegularFile(f"it is {kind}, not a regular file: skipped, never read")
 
 
 class _Run:
@@ -661,12 +733,17 @@ class _Run:
 
     # images
     def _read(self, found: _Found) -> bytes:
-        """The file's bytes; FileTooLarge (from its size, before reading) over the server's limit per file."""
+        """The file's bytes; FileTooLarge (from its size, before reading) over the server's limit per file,
+        NotARegularFile for a FIFO, a socket or a device (never opened for reading: a FIFO would block)."""
         limit = self.limits.max_file_bytes
         too_large = errors.FileTooLarge(f"The file is over the limit of {limit} bytes per file (CLIP_MAX_FILE_BYTES).")
-        if os.stat(found.file).st_size > limit:
+        info = os.stat(found.file)  # through a link: a link to a regular file is read
+        _check_regular(info.st_mode)
+        if info.st_size > limit:
             raise too_large
-        with open(found.file, "rb") as f:
+        # Without blocking, should it have become a FIFO since the stat; then checked again, opened.
+        with open(os.open(found.file, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY), "rb") as f:
+            _check_regular(os.fstat(f.fileno()).st_mode)
             data = f.read(limit + 1)
         if len(data) > limit:  # it grew since
             raise too_large
@@ -679,6 +756,9 @@ class _Run:
                 data = self._read(found)
             except errors.ApiError as exc:
                 self._bad(BadItem("image", found.path, None, None, exc.code, exc.message))
+                continue
+            except NotARegularFile as exc:
+                self._bad(BadItem("image", found.path, None, None, NOT_REGULAR, str(exc)))
                 continue
             except OSError as exc:
                 self._bad(BadItem("image", found.path, None, None, UNREADABLE, f"cannot read it: {exc.strerror}"))

@@ -260,12 +260,21 @@ class WorkersSerializer(serializers.Serializer):
 
 
 WORKERS_HELP = "Under gunicorn: this server's workers. Ready only once none that takes connections still loads."
+DATABASE_HELP = (
+    "What this process's last probe of the database found (probed every 10 s at most, in the background; "
+    "unknown before the first ends). Shown only: a database that is down never fails readiness."
+)
 
 
 class NotReadySerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=["idle", "loading", "draining", "failed"])
     ready = serializers.BooleanField()
+    database = serializers.ChoiceField(choices=["ok", "unavailable", "unknown"], help_text=DATABASE_HELP)
     workers = WorkersSerializer(required=False, help_text=WORKERS_HELP)
+    error = serializers.CharField(required=False, help_text="With verbose=1: why loading failed.")
+
+
+VERBOSE_HELP = "Only with verbose=1 (an API key or a staff login)."
 
 
 class CpuSerializer(serializers.Serializer):
@@ -292,20 +301,35 @@ class MeasuredSerializer(serializers.Serializer):
 class ReadySerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=["ready"])
     ready = serializers.BooleanField()
+    database = serializers.ChoiceField(choices=["ok", "unavailable", "unknown"], help_text=DATABASE_HELP)
     workers = WorkersSerializer(required=False, help_text=WORKERS_HELP)
-    model = serializers.CharField()
-    family = serializers.CharField()
-    dim = serializers.IntegerField()
-    device = serializers.CharField()
-    test_model = serializers.BooleanField(help_text="A random-weight test model.")
-    ready_seconds = serializers.FloatField()
-    process_seconds_to_ready = serializers.FloatField()
-    backend = serializers.DictField(child=serializers.CharField(), help_text='Per tower, e.g. "onnx/float32".')
-    parity = serializers.DictField(child=serializers.FloatField(), help_text="Per tower, cosine to float32 PyTorch.")
-    faithful = serializers.BooleanField()
-    why = serializers.CharField()
-    cpu = CpuSerializer(help_text="What the CPU offers, as prepare_model found it (on a GPU: the device).")
-    measured = MeasuredSerializer(many=True, help_text="Each backend/dtype prepare_model tried, and what it measured.")
+    model = serializers.CharField(help_text="Its served name (CLIP_SERVED_MODEL_NAME): what answers call it.")
+    source = serializers.CharField(required=False, help_text=f"CLIP_MODEL: a hub id or a folder. {VERBOSE_HELP}")
+    family = serializers.CharField(required=False, help_text=VERBOSE_HELP)
+    dim = serializers.IntegerField(required=False, help_text=VERBOSE_HELP)
+    device = serializers.CharField(required=False, help_text=VERBOSE_HELP)
+    test_model = serializers.BooleanField(required=False, help_text=f"A random-weight test model. {VERBOSE_HELP}")
+    ready_seconds = serializers.FloatField(required=False, help_text=VERBOSE_HELP)
+    process_seconds_to_ready = serializers.FloatField(required=False, help_text=VERBOSE_HELP)
+    backend = serializers.DictField(
+        child=serializers.CharField(), required=False, help_text=f'Per tower, e.g. "onnx/float32". {VERBOSE_HELP}'
+    )
+    parity = serializers.DictField(
+        child=serializers.FloatField(),
+        required=False,
+        help_text=f"Per tower, cosine to float32 PyTorch. {VERBOSE_HELP}",
+    )
+    faithful = serializers.BooleanField(required=False, help_text=VERBOSE_HELP)
+    why = serializers.CharField(required=False, help_text=VERBOSE_HELP)
+    cpu = CpuSerializer(
+        required=False,
+        help_text=f"What the CPU offers, as prepare_model found it (on a GPU: the device). {VERBOSE_HELP}",
+    )
+    measured = MeasuredSerializer(
+        many=True,
+        required=False,
+        help_text=f"Each backend/dtype prepare_model tried, and what it measured. {VERBOSE_HELP}",
+    )
 
 
 class HealthzSchemaView(APIView):
@@ -335,11 +359,19 @@ class ReadyzSchemaView(APIView):
 
     @extend_schema(
         summary="The model is loaded and has embedded a warm-up input",
-        description="Which model, its backend per tower, their measured parity and why; 503 before it is ready.",
+        description=(
+            "Whether this server serves, and the model's served name; 503 before it is ready. Never touches the "
+            "database. With verbose=1 and an API key or a staff login: the model's source, its backend per tower, "
+            "their measured parity and why, the CPU and the timings; without either, verbose=1 is 403."
+        ),
         tags=["health"],
         operation_id="readyz",
+        parameters=[
+            OpenApiParameter("verbose", bool, default=False, description="The details (an API key or a staff login).")
+        ],
         responses={
             200: ReadySerializer,
+            403: OpenApiResponse(ErrorSerializer, description="verbose=1 without an API key or a staff login."),
             503: OpenApiResponse(NotReadySerializer, description="The model is not loaded (yet)."),
         },
     )

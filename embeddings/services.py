@@ -26,7 +26,7 @@ class EncodedParts:
     texts_raw: np.ndarray  # (n_texts, dim) float32 projections
     images_raw: np.ndarray
     truncated: list[str]
-    model: str  # the name of the model that computed them
+    model: str  # the served name of the model that computed them
     text_tokens: int = 0  # tokens the model read over all texts (the OpenAI endpoint's usage)
 
 
@@ -104,7 +104,7 @@ def encode_parts(parts: list[Part], *, client: str = "") -> EncodedParts:
         texts_raw=out.texts,
         images_raw=out.images,
         truncated=[k for (k, _), flag in zip(texts, out.truncated, strict=True) if flag],
-        model=engine.name,
+        model=engine.served_name,
         text_tokens=sum(out.text_tokens),
     )
 

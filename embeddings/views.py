@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.db import DatabaseError
 from django.http import HttpResponse, HttpResponseNotFound, JsonResponse
 from django.views.decorators.http import require_safe
 from rest_framework.renderers import BrowsableAPIRenderer
@@ -14,7 +15,11 @@ from access.authentication import (
     DemoPageAuthentication,
     OpenAiKeyAuthentication,
     RequireApiKey,
+    presented_key,
 )
+from access.identity import client_identity
+from access.services import api_key_check
+from clipsite import database
 from clipsite.config import current
 from embeddings import errors, metrics, openai_compat, services
 from embeddings.multipart import ClipMultiPartParser, check_declared_length
@@ -80,10 +85,8 @@ class ClipApiView(APIView):
         return list(getattr(data, "parts", []))
 
     def client_of(self, request) -> str:
-        """Who asks, for the engine's fair share: the API key, else the client's address."""
-        user = getattr(request, "user", None)
-        key_id = getattr(user, "key_id", None)
-        return f"key-{key_id}" if key_id is not None else f"addr-{request.META.get('REMOTE_ADDR', '')}"
+        """Who asks, for the engine's fair share: the client the rate limit counts (access/identity.py)."""
+        return client_identity(request)
 
 
 @embeddings_schema
@@ -144,14 +147,27 @@ def healthz(request):
 
 
 def readyz(request):
+    """Readiness: short for anyone (status, workers, the model's served name), never touching the
+    database; ``?verbose=1`` adds the details (the model's path, CPU flags, timings, what prepare_model
+    measured) for a valid API key or a logged-in staff user, and is 403 for anyone else."""
+    verbose = request.GET.get("verbose", "").strip().lower() in ("1", "true", "yes")
+    if verbose:
+        refused = _details_refused(request)
+        if refused is not None:
+            return refused
     ready, status, workers = runtime.readiness()
-    body = {"status": status, "ready": ready}
+    # The database's state is shown, never a reason to fail: clipsite/database.py says why.
+    body = {"status": status, "ready": ready, "database": database.probe.state()}
     if workers is not None:
         body["workers"] = workers
     if ready:
+        body["model"] = runtime.engine().served_name
+    if verbose and not ready and runtime.error:
+        body["error"] = runtime.error
+    if verbose and ready:
         engine, manifest = runtime.engine(), runtime.manifest
         body |= {
-            "model": engine.name,
+            "source": engine.name,
             "family": engine.info.family,
             "dim": engine.dim,
             "device": next(iter(engine.backends.values())).device,
@@ -166,6 +182,41 @@ def readyz(request):
             "measured": [{k: v for k, v in c.items() if k not in ("files", "vocabulary")} for c in manifest.candidates],
         }
     return JsonResponse(body, status=200 if ready else 503)
+
+
+def _details_refused(request) -> JsonResponse | None:
+    """None when ``request`` may see /readyz's details: it carries a valid API key, or the session of an
+    active staff user. Else the answer: 403, or 503 when the database cannot tell."""
+    try:
+        raw = presented_key(request)
+        allowed = api_key_check(raw=raw) is not None if raw is not None else _staff_session(request)
+    except DatabaseError:
+        error = errors.DatabaseUnavailable()
+        response = JsonResponse(
+            errors.error_body(None, error.code, error.message, status=error.status_code), status=error.status_code
+        )
+        response["Retry-After"] = str(error.retry_after)
+        return response
+    if allowed:
+        return None
+    message = "The details of /readyz need an API key (Authorization: Bearer KEY) or a staff login."
+    return JsonResponse(errors.error_body(None, errors.PermissionDenied.default_code, message, status=403), status=403)
+
+
+def _staff_session(request) -> bool:
+    """Whether the request's session cookie is a logged-in, active staff user's. The probes are answered
+    before the session and auth middleware run (embeddings/middleware.py), so the session is read here."""
+    from importlib import import_module
+
+    from django.conf import settings
+    from django.contrib.auth import get_user
+
+    key = request.COOKIES.get(settings.SESSION_COOKIE_NAME)
+    if not key:
+        return False
+    request.session = import_module(settings.SESSION_ENGINE).SessionStore(key)
+    user = get_user(request)
+    return bool(user.is_active and user.is_staff)
 
 
 def api_not_found(request, *args, **kwargs):

@@ -33,6 +33,8 @@ class Server:
         full_env = {**os.environ, "PYTHON": sys.executable, **env}
         full_env = {k: v for k, v in full_env.items() if v is not None}  # None: leave the variable unset
         full_env["PATH"] = f"{Path(sys.executable).parent}:{full_env.get('PATH', '')}"
+        self.env = full_env
+        self._key: str | None = None
         self._log_file = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             command or START,
@@ -58,6 +60,27 @@ class Server:
             except OSError:
                 time.sleep(0.3)
         raise TimeoutError(f"server not ready after {timeout}s:\n{self.output()}")
+
+    def details(self) -> dict:
+        """/readyz?verbose=1: the model's source, backends, parity, CPU and timings, which need a key. The
+        key is made once, in the server's database (migrated first: a server started without start.sh has
+        not done it)."""
+        if self._key is None:
+            code = (
+                "import django; django.setup(); from django.core.management import call_command; "
+                "call_command('migrate', verbosity=0); from access.services import api_key_create; "
+                "print(api_key_create(name='tests')[1])"
+            )
+            made = subprocess.run(
+                [sys.executable, "-c", code], env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=120
+            )
+            assert made.returncode == 0, made.stderr
+            self._key = made.stdout.strip().splitlines()[-1]
+        request = urllib.request.Request(
+            self.url + "/readyz?verbose=1", headers={"Authorization": f"Bearer {self._key}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return json.loads(r.read())
 
     def output(self) -> str:
         self._log_file.flush()

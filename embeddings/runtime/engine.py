@@ -69,14 +69,15 @@ class EngineSettings:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What answers say about the model; read from the manifest, never from the weights."""
+    """What the engine knows of its model; read from the manifest, never from the weights."""
 
-    name: str
+    name: str  # its identity here (a hub id, a folder's path): logs, the category cache, bulk journals
     family: str  # transformers' model_type: clip, siglip, chinese_clip, altclip, ...
     dim: int
     logit_scale: float  # exp of the model's learned temperature
     logit_bias: float | None  # SigLIP's bias: its probabilities are sigmoids, not a softmax
     test_model: dict | None = None  # the marker of a random-weight test model
+    served_name: str = ""  # what answers call it (CLIP_SERVED_MODEL_NAME or its default); "": ``name``
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,11 @@ class Engine:
     @property
     def name(self) -> str:
         return self.info.name
+
+    @property
+    def served_name(self) -> str:
+        """The model's name in answers: never a path of this machine (loading.served_name)."""
+        return self.info.served_name or self.info.name
 
     @property
     def dim(self) -> int:

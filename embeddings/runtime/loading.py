@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -37,7 +38,7 @@ class ModelLoadError(Exception):
 
 @dataclass(frozen=True)
 class ModelSource:
-    name: str  # what the API reports as "model"
+    name: str  # the model's identity here: a hub id, a folder's path, a test model's name (see served_name)
     model_dir: Path
     processor_dir: Path
     kind: str  # "hub", "folder", "layout" or "fallback"
@@ -57,6 +58,20 @@ def _source(name: str, model_dir: Path, processor_dir: Path, kind: str) -> Model
     if marker:
         name = f"random-test-model/{marker.get('preset')}-seed{marker.get('seed')} (random weights, not a real CLIP)"
     return ModelSource(name, model_dir, processor_dir, kind, marker)
+
+
+def served_name(source: ModelSource, configured: str = "") -> str:
+    """The name answers give the model: ``configured`` (CLIP_SERVED_MODEL_NAME), else a test model's own
+    name, a hub id as it is, or a folder's base name; never a path of this machine."""
+    if configured:
+        return configured
+    return source.name if source.test_model is not None else default_served_name(source.name)
+
+
+def default_served_name(spec: str) -> str:
+    """What answers call CLIP_MODEL=``spec`` by default: a folder by its base name, a hub id as it is."""
+    folder = Path(spec).expanduser()
+    return Path(os.path.abspath(folder)).name if spec and folder.is_dir() else spec
 
 
 class ModelNotPrepared(ModelLoadError):

@@ -14,7 +14,7 @@ from embeddings import metrics
 from embeddings.runtime import coordination
 from embeddings.runtime.backends import open_backend
 from embeddings.runtime.engine import Engine, EngineSettings, ModelInfo
-from embeddings.runtime.loading import load_model, load_processor, resolve_device, resolve_model_source
+from embeddings.runtime.loading import load_model, load_processor, resolve_device, resolve_model_source, served_name
 from embeddings.runtime.prepare import Manifest, read_manifest
 from embeddings.runtime.preprocessing import Preprocessing
 
@@ -82,6 +82,7 @@ def open_engine(settings: RuntimeSettings) -> tuple[Engine, Manifest]:
         logit_scale=manifest.logit_scale,
         logit_bias=manifest.logit_bias,
         test_model=source.test_model,
+        served_name=served_name(source, settings.served_model_name),
     )
     return Engine(
         backends=backends, preprocessing=preprocessing, info=info, settings=engine_settings(settings)

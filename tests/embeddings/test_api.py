@@ -225,10 +225,45 @@ def test_not_ready_is_503(client, tiny_model_dir):
         runtime.close()
 
 
-def test_readyz_reports_the_model(client, clip):
-    body = client.get("/readyz").json()
-    assert body["ready"] is True and body["model"] == clip.name and body["test_model"] is True
-    assert "random" in body["model"]
+def test_readyz_answers_anyone_in_short_without_the_database(client, clip):
+    # No database in this test (no django_db): a query would fail the probe, a key presented included.
+    for headers in ({}, {"Authorization": "Bearer clip_not-looked-up"}):
+        response = client.get("/readyz", headers=headers)
+        body = response.json()
+        assert response.status_code == 200 and set(body) <= {"status", "ready", "database", "workers", "model"}
+        assert (body["status"], body["ready"], body["model"]) == ("ready", True, clip.served_name)
+    assert "random" in body["model"]  # the test model says what it is
+
+
+@pytest.mark.django_db
+def test_readyz_details_need_an_api_key_or_a_staff_login(client, admin_client, django_user_model, clip):
+    from access.services import api_key_create
+
+    refused = [client.get("/readyz?verbose=1")]
+    refused.append(client.get("/readyz?verbose=1", headers={"Authorization": "Bearer clip_unknown"}))
+    client.force_login(django_user_model.objects.create_user("not-staff", password="x"))
+    refused.append(client.get("/readyz?verbose=1"))
+    for response in refused:
+        assert response.status_code == 403 and response.json()["error"]["code"] == "permission_denied"
+    _, key = api_key_create(name="ops")
+    keyed = client.get("/readyz?verbose=true", headers={"Authorization": f"Bearer {key}"})
+    staff = admin_client.get("/readyz?verbose=1")
+    for response in (keyed, staff):
+        body = response.json()
+        assert response.status_code == 200 and body["model"] == clip.served_name and body["source"] == clip.name
+        assert body["test_model"] is True and body["backend"] and body["measured"] and body["cpu"]
+        assert body["ready_seconds"] >= 0 and body["faithful"] is True
+    assert set(admin_client.get("/readyz?verbose=0").json()) <= {"status", "ready", "database", "workers", "model"}
+
+
+@pytest.mark.django_db
+def test_readyz_details_say_why_loading_failed(admin_client, client, clip, monkeypatch):
+    monkeypatch.setattr(runtime, "_engine", None)
+    monkeypatch.setattr(runtime, "status", "failed")
+    monkeypatch.setattr(runtime, "error", "cannot load /models/secret-path")
+    response = admin_client.get("/readyz?verbose=1")
+    assert response.status_code == 503 and response.json()["error"] == "cannot load /models/secret-path"
+    assert "error" not in client.get("/readyz").json()
 
 
 # --- limits ------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """manage.py embed: bulk vectors equal to the server's, in three formats, resumable, sharded, with bad files
-reported and usage errors refused."""
+reported (FIFOs, sockets and devices never read) and usage errors refused, a journal of other weights,
+backend or dtype refused."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +24,19 @@ from django.core.management import CommandError, call_command
 from PIL import Image
 
 from clipsite.config import current
-from embeddings.bulk import Outputs, bulk_embed, parse_shard, shard_of
+from embeddings.bulk import JOURNAL_VERSION, Outputs, bulk_embed, parse_shard, shard_of
+from embeddings.runtime.prepare import prepare
 from embeddings.runtime.state import runtime
-from tests.conftest import MODELS, PHOTOS, assert_same_vectors, gradient_image, image_bytes, override, photo_bytes
+from tests.conftest import (
+    MODELS,
+    PHOTOS,
+    assert_same_vectors,
+    cosines,
+    gradient_image,
+    image_bytes,
+    override,
+    photo_bytes,
+)
 
 URL = "/syte_test/embeddings"
 TEXTS = ["a photo of an astronaut", "a cat on a couch", "", "a cup of coffee", "a red motorcycle"]
@@ -372,9 +385,108 @@ def test_a_model_not_prepared_is_a_command_error(settings, configured, collectio
 
 def test_a_journal_of_another_model_is_refused(configured, collection, tmp_path):
     out = tmp_path / "v.jsonl"
-    Outputs.of(out).journal.write_text(json.dumps({"clipsite_journal": 1, "model": "other", "dim": 7}) + "\n")
-    with pytest.raises(CommandError, match="holds vectors of 'other' .*choose another --out"):
+    header = {"clipsite_journal": JOURNAL_VERSION, "model": "other", "dim": 7}
+    Outputs.of(out).journal.write_text(json.dumps(header) + "\n")
+    with pytest.raises(CommandError, match="model 'other' there, .* now; dimensions 7 there, .*choose another --out"):
         embed(collection, "--out", out)
+
+
+def test_a_journal_of_an_older_clipsite_is_refused_for_want_of_a_fingerprint(configured, collection, tmp_path):
+    out = tmp_path / "v.jsonl"
+    header = {"clipsite_journal": 1, "model": configured.name, "dim": configured.dim, "normalized": True}
+    Outputs.of(out).journal.write_text(json.dumps(header) + "\n")
+    with pytest.raises(CommandError, match="older clipsite, without the fingerprint of the weights") as refused:
+        embed(collection, "--out", out)
+    assert refused.value.returncode == 2
+
+
+def test_a_rerun_after_the_weights_changed_at_the_same_path_is_refused(settings, collection, tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder, ignore=shutil.ignore_patterns("clipsite-prepared"))
+    override(settings, runtime={"model": str(folder), "models_dir": MODELS, "backend": "torch", "dtype": "float32"})
+    prepare(current().runtime)
+    out = tmp_path / "v.jsonl"
+    embed(collection, "--out", out)
+    dim = json.loads(Outputs.of(out).journal.read_text().splitlines()[0])["dim"]
+    before = read_out(out, dim)
+    weights = folder / "model-clip" / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(n for n in tensors if n.endswith("visual_projection.weight"))
+    tensors[name] = tensors[name].flip(0)  # new weights, same file, same path
+    save_file(tensors, weights, metadata={"format": "pt"})
+    prepare(current().runtime)  # prepare_model saw the files change: a new manifest, a new fingerprint
+    with pytest.raises(CommandError, match=r"weights \(prepare_model's fingerprint .*\) '\w+' there, '\w+' now") as no:
+        embed(collection, "--out", out)
+    assert no.value.returncode == 2 and "delete it (and OUT)" in str(no.value)
+    stdout, _ = embed(collection, "--out", tmp_path / "new.jsonl")
+    assert counts(stdout)["embedded"] == 7
+    after = np.stack([r["embedding"] for r in read_out(tmp_path / "new.jsonl", dim)])
+    assert cosines(after, np.stack([r["embedding"] for r in before])).max() < 0.999  # the old vectors were stale
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("backend", {"image": "openvino", "text": "openvino"}, "backend image=openvino,text=openvino there"),
+        ("dtype", {"image": "bfloat16", "text": "bfloat16"}, "dtype image=bfloat16,text=bfloat16 there"),
+    ],
+)
+def test_a_journal_of_another_backend_or_dtype_is_refused(configured, collection, tmp_path, field, value, message):
+    out = tmp_path / "v.jsonl"
+    embed(collection, "--out", out)
+    journal = Outputs.of(out).journal
+    header, *entries = journal.read_text().splitlines(keepends=True)
+    recorded = json.loads(header)
+    served = {tower: f"{b.name}/{b.dtype}" for tower, b in configured.backends.items()}
+    assert {t: f"{recorded['backend'][t]}/{recorded['dtype'][t]}" for t in served} == served
+    assert recorded["fingerprint"] == runtime.manifest.fingerprint
+    journal.write_text(json.dumps(recorded | {field: value}) + "\n" + "".join(entries))
+    with pytest.raises(CommandError, match=re.escape(message)) as refused:
+        embed(collection, "--out", out)
+    assert refused.value.returncode == 2
+
+
+def test_fifos_sockets_and_devices_are_reported_never_read(configured, collection, tmp_path, monkeypatch):
+    os.mkfifo(collection / "x.jpg")  # opened for reading, a FIFO waits for a writer: for ever
+    monkeypatch.chdir(collection)
+    listening = socket.socket(socket.AF_UNIX)
+    listening.bind("s.png")  # relative: a socket's path is limited to 108 bytes
+    (collection / "null.jpg").symlink_to("/dev/null")  # a link to a device
+    (collection / "link.jpg").symlink_to(image_paths(collection)[0])  # a link to a file: read
+    (collection / "gone.jpg").symlink_to(collection / "nowhere.jpg")
+    out = tmp_path / "v.jsonl"
+    reports = []
+    run = threading.Thread(target=lambda: reports.append(bulk_embed(paths=[collection], out=out)), daemon=True)
+    run.start()
+    run.join(60)
+    try:
+        assert not run.is_alive(), "the run blocked reading the FIFO"
+    finally:
+        listening.close()
+        if run.is_alive():  # a writer that closes at once: the blocked read ends, and so does the thread
+            os.close(os.open(collection / "x.jpg", os.O_WRONLY | os.O_NONBLOCK))
+            run.join(30)
+    errors = {Path(e["path"]).name: e for e in map(json.loads, Outputs.of(out).errors.read_text().splitlines())}
+    assert {name: e["code"] for name, e in errors.items()} == {
+        "x.jpg": "not_a_regular_file",
+        "s.png": "not_a_regular_file",
+        "null.jpg": "not_a_regular_file",
+        "gone.jpg": "unreadable_file",
+    }
+    assert "a FIFO (named pipe), not a regular file" in errors["x.jpg"]["message"]
+    assert "a socket" in errors["s.png"]["message"] and "a character device" in errors["null.jpg"]["message"]
+    assert (reports[0].embedded, reports[0].failed) == (8, 4)  # the 7 photos and the link to one
+    assert str(collection / "link.jpg") in {r["path"] for r in read_out(out, configured.dim)}
+
+
+def test_a_fifo_named_as_the_texts_file_is_refused(configured, tmp_path):
+    os.mkfifo(tmp_path / "texts.txt")
+    started = time.monotonic()
+    with pytest.raises(CommandError, match="texts.txt: not a regular file") as refused:
+        embed("--texts", tmp_path / "texts.txt", "--out", tmp_path / "v.jsonl")
+    assert refused.value.returncode == 2 and time.monotonic() - started < 60
 
 
 def test_verbosity_zero_shows_no_progress_bar(configured, collection, tmp_path):

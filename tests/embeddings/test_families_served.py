@@ -39,7 +39,8 @@ def test_the_family_is_served_with_parity_and_its_own_wearable_recipe(tmp_path, 
     synthetic = image_bytes(gradient_image(333, 250, seed=3))
     srv = Server(server_env(tmp_path, folder, WEARABLE_PROMPT_TEMPLATES="{}"), tmp_path / "server.log")
     try:
-        ready = srv.wait_ready()
+        srv.wait_ready()
+        ready = srv.details()
         assert ready["family"] == json.loads((folder / "config.json").read_text())["model_type"]
         assert ready["faithful"] is True
         parts = [("image-1", photo, "cat.jpg"), ("image-2", synthetic, "g.png")]

@@ -71,7 +71,7 @@ def test_the_choice_follows_the_timings_and_never_takes_an_unfaithful_candidate(
     assert manifest.faithful
 
 
-def test_a_forced_choice_below_the_floor_still_serves_and_says_so_loudly(model_copy, monkeypatch, client):
+def test_a_forced_choice_below_the_floor_still_serves_and_says_so_loudly(model_copy, monkeypatch, admin_client):
     from embeddings.runtime.state import runtime
 
     monkeypatch.setattr(prepare_module, "PARITY_FLOOR", {"image": 1.5, "text": 1.5})  # nothing reaches it
@@ -81,7 +81,7 @@ def test_a_forced_choice_below_the_floor_still_serves_and_says_so_loudly(model_c
     runtime.close()
     try:
         runtime.load(settings)
-        body = client.get("/readyz").json()
+        body = admin_client.get("/readyz?verbose=1").json()  # the details: a staff login
         assert body["ready"] and body["faithful"] is False and body["backend"]["image"] == "onnx/float32"
         assert 0.9999 < body["parity"]["image"] <= 1.0 and "BELOW THE PARITY FLOOR" in body["why"]
     finally:

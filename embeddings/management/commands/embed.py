@@ -27,7 +27,8 @@ class Command(BaseCommand):
         "Embed image files and folders (walked recursively, sorted; hidden entries and files not named as "
         "images passed over) and the lines of --texts FILE with the prepared model, exactly as the server "
         "would, into OUT.jsonl, OUT.npy (+ OUT.index.jsonl) or OUT.parquet. Resumable: a journal beside OUT "
-        "records each batch, and a re-run skips what it holds (same path, same SHA-256). Bad files go to "
+        "records each batch, and a re-run skips what it holds (same path, same SHA-256); a journal of other "
+        "weights, backend or dtype is refused. Bad files (and FIFOs, sockets, devices: never read) go to "
         "OUT.errors.jsonl with the API's error codes and do not fail the run. Run prepare_model first."
     )
 
