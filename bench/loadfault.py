@@ -9,6 +9,7 @@ and p99 latency, and the server's resident memory at the start and the end. Run 
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -25,8 +26,20 @@ from pathlib import Path
 from PIL import Image
 
 from bench.clipbench import ROOT, log, multipart, photo_jpegs
+from bench.hostile import Hostile
 
 GROWTH_LIMIT = 0.10  # the server's memory may grow less than this from the start to the end
+# What the server may do with each hostile kind (bench/hostile.py); "closed" is always fine (a worker
+# killed by the run's own faults closes what it held).
+HOSTILE_EXPECTED = {
+    "idle": {"closed"},
+    "stalled-body": {"408"},
+    "endless-headers": {"431"},
+    "chunked-flood": {"413", "503"},  # 503: the worker's memory budget was full
+    "decode-bomb": {"200", "503"},
+    "big-v1-text": {"400"},
+}
+UNBUDGETED_MB = 128  # what no budget counts in a worker (README "Memory"): allocator slack, answers, headers
 
 
 def _png(size: tuple[int, int], colour=(200, 30, 30)) -> bytes:
@@ -94,8 +107,12 @@ def request_mix() -> list[tuple[str, str, str, bytes, dict]]:
             {"Content-Type": text[1], "Content-Length": "999999999999", "Connection": "close"},
         ),
     ]
-    # Mostly valid traffic, as a service sees it, with the others mixed in all along.
+    # Mostly valid traffic, as a service sees it, with the others mixed in all along (and bench/hostile.py's
+    # connections beside it).
     return valid * 6 + invalid + abusive
+
+
+NORMAL_KINDS = frozenset({"text", "mixed", "wearable", "image"})
 
 
 @dataclass
@@ -105,6 +122,8 @@ class Outcome:
     unexpected: list = field(default_factory=list)  # 5xx other than 503 and 504
     connection_errors: int = 0
     latencies: list = field(default_factory=list)
+    normal_latencies: list = field(default_factory=list)  # the valid kinds'
+    normal_refused: list = field(default_factory=list)  # a valid request answered other than 200/503/504
 
 
 def _children(master: int) -> list[int]:
@@ -128,6 +147,61 @@ def _rss_mb(pids: list[int]) -> float:
 
 def _server_rss(master: int) -> float:
     return _rss_mb([master, *_children(master)])
+
+
+def _status_kb(pid: int, field: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class PeakSampler:
+    """The highest resident memory any worker reached while serving: each worker's peak (VmHWM) is reset
+    once every worker is ready (so a replacement's model load is not counted), then read until it exits."""
+
+    def __init__(self, master: int, port: int):
+        self.master, self.port = master, port
+        self.peak_mb = 0.0
+        self._cleared: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(10)
+
+    def _all_ready(self) -> bool:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+            conn.request("GET", "/readyz")
+            ready = conn.getresponse().status == 200
+            conn.close()
+            return ready
+        except (OSError, http.client.HTTPException):
+            return False
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            workers = _children(self.master)
+            if any(pid not in self._cleared for pid in workers) and self._all_ready():
+                for pid in workers:
+                    if pid not in self._cleared:
+                        with contextlib.suppress(OSError):
+                            Path(f"/proc/{pid}/clear_refs").write_text("5")
+                        self._cleared.add(pid)
+            for pid in workers:
+                if pid in self._cleared:
+                    peak = _status_kb(pid, "VmHWM:")
+                    if peak is not None:
+                        self.peak_mb = max(self.peak_mb, peak / 1024)
 
 
 def drive(port: int, mix, *, total: int, concurrency: int, deadline: float, on_progress) -> Outcome:
@@ -169,6 +243,12 @@ def drive(port: int, mix, *, total: int, concurrency: int, deadline: float, on_p
                 outcome.statuses[status] += 1
                 outcome.by_kind.setdefault(kind, Counter())[status] += 1
                 outcome.latencies.append(elapsed)
+                if kind in NORMAL_KINDS:
+                    outcome.normal_latencies.append(elapsed)
+                    if status not in (200, 503, 504):
+                        outcome.normal_refused.append(
+                            {"kind": kind, "status": status, "body": payload[:300].decode("latin-1")}
+                        )
                 if status >= 500 and status not in (503, 504):
                     outcome.unexpected.append({"kind": kind, "status": status, "body": payload[:300].decode("latin-1")})
         conn.close()
@@ -181,7 +261,10 @@ def drive(port: int, mix, *, total: int, concurrency: int, deadline: float, on_p
     return outcome
 
 
-def run(*, out: Path, requests: int, concurrency: int, seconds: float, model_dir: Path | None) -> dict:
+def run(
+    *, out: Path, requests: int, concurrency: int, seconds: float, model_dir: Path | None, idle_sockets: int = 600
+) -> dict:
+    from clipsite.config import load
     from embeddings.runtime.testmodel import build_test_model
     from tests.server import Server, server_env
 
@@ -194,6 +277,7 @@ def run(*, out: Path, requests: int, concurrency: int, seconds: float, model_dir
     tmp = Path(tempfile.mkdtemp(prefix="clipsite-loadfault-"))
     mix = request_mix()
     env = server_env(tmp, model_dir, WEB_CONCURRENCY="2")
+    limits = load(os.environ, base_dir=ROOT)[0].limits  # the server's own, from the same environment
     log(f"starting the server on {model_dir} (2 workers)")
     server = Server(env, tmp / "server.log")
     faults: list[dict] = []
@@ -203,6 +287,7 @@ def run(*, out: Path, requests: int, concurrency: int, seconds: float, model_dir
         started = time.monotonic()
         drive(server.port, mix, total=200, concurrency=16, deadline=started + 300, on_progress=lambda n: None)
         rss_start = _server_rss(master)
+        worker_start_mb = max(_rss_mb([pid]) for pid in _children(master))
         log(f"warm: server {rss_start:.0f} MB resident; {requests} requests at concurrency {concurrency}")
         fault_lock = threading.Lock()
 
@@ -219,16 +304,34 @@ def run(*, out: Path, requests: int, concurrency: int, seconds: float, model_dir
                             log(f"{sig.name} to worker {victim} at request {n}")
 
         t0 = time.monotonic()
-        outcome = drive(
-            server.port, mix, total=requests, concurrency=concurrency, deadline=t0 + seconds, on_progress=on_progress
+        hostile = Hostile(
+            server.port, deadline=t0 + seconds, idle_sockets=idle_sockets, max_request_bytes=limits.max_request_bytes
         )
-        wall = time.monotonic() - t0
+        with PeakSampler(master, server.port) as sampler:
+            hostile.start()
+            outcome = drive(
+                server.port,
+                mix,
+                total=requests,
+                concurrency=concurrency,
+                deadline=t0 + seconds,
+                on_progress=on_progress,
+            )
+            wall = time.monotonic() - t0
+            hostile_outcomes = hostile.stop()
         server.wait_ready(timeout=300)  # the replaced workers are back
         drive(server.port, mix, total=200, concurrency=16, deadline=time.monotonic() + 300, on_progress=lambda n: None)
         rss_end = _server_rss(master)
     finally:
         server.stop()
     lat = sorted(outcome.latencies) or [float("nan")]
+    normal = sorted(outcome.normal_latencies) or [float("nan")]
+    hostile_unexpected = {
+        kind: {o: n for o, n in counts.items() if o not in HOSTILE_EXPECTED.get(kind, set()) | {"closed"}}
+        for kind, counts in hostile_outcomes.items()
+    }
+    hostile_unexpected = {k: v for k, v in hostile_unexpected.items() if v}
+    worker_bound_mb = worker_start_mb + limits.worker_memory_bytes / 2**20 + UNBUDGETED_MB
     sent = sum(outcome.statuses.values())
     report = {
         "requests": requests,
@@ -241,13 +344,28 @@ def run(*, out: Path, requests: int, concurrency: int, seconds: float, model_dir
         "unexpected_5xx": outcome.unexpected,
         "p50_ms": round(1000 * statistics.median(lat), 1),
         "p99_ms": round(1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))], 1),
+        "normal_p50_ms": round(1000 * statistics.median(normal), 1),
+        "normal_p99_ms": round(1000 * normal[min(len(normal) - 1, int(len(normal) * 0.99))], 1),
+        "normal_refused": outcome.normal_refused,
+        "hostile": hostile_outcomes,
+        "hostile_unexpected": hostile_unexpected,
+        "worker_start_mb": round(worker_start_mb, 1),
+        "worker_peak_mb": round(sampler.peak_mb, 1),
+        "worker_bound_mb": round(worker_bound_mb, 1),
         "rss_start_mb": round(rss_start, 1),
         "rss_end_mb": round(rss_end, 1),
         "rss_growth": round(rss_end / rss_start - 1, 4) if rss_start else None,
         "faults": faults,
         "model": str(model_dir),
     }
-    report["ok"] = not report["unexpected_5xx"] and (report["rss_growth"] or 0) < GROWTH_LIMIT and sent == requests
+    report["ok"] = (
+        not report["unexpected_5xx"]
+        and (report["rss_growth"] or 0) < GROWTH_LIMIT
+        and sent == requests
+        and not hostile_unexpected
+        and not outcome.normal_refused
+        and sampler.peak_mb <= worker_bound_mb
+    )
     (out / "results.json").write_text(json.dumps(report, indent=2))
     (out / "results.md").write_text(markdown(report))
     return report
@@ -275,6 +393,16 @@ def markdown(report: dict) -> str:
         ),
         "",
         f"5xx other than 503/504: {len(report['unexpected_5xx'])}.",
+        f"Normal requests (valid kinds) meanwhile: p50 {report['normal_p50_ms']} ms, p99 {report['normal_p99_ms']} ms.",
+        "",
+        "| hostile connection | what the server did |",
+        "|---|---|",
+        *(f"| {kind} | {_counts(counts)} |" for kind, counts in report["hostile"].items()),
+        "",
+        f"Hostile outcomes not expected: {report['hostile_unexpected'] or 'none'}.",
+        f"Worker memory: {report['worker_start_mb']} MB resident when warm, peak {report['worker_peak_mb']} MB "
+        f"while serving; the stated bound (warm + CLIP_WORKER_MEMORY_MB + {UNBUDGETED_MB} MB) is "
+        f"{report['worker_bound_mb']} MB.",
         "Faults: " + ", ".join("{signal} to worker {worker} at request {at_request}".format(**f) for f in faults) + ".",
         f"Server memory (master + workers, resident): {report['rss_start_mb']} MB at the start, "
         f"{report['rss_end_mb']} MB at the end ({100 * (report['rss_growth'] or 0):+.1f}%).",

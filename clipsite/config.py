@@ -37,11 +37,13 @@ class Limits:
     max_request_pixels: int  # decoded pixels of all a request's images together
     max_parts: int
     max_key_chars: int
+    worker_memory_bytes: int  # what a worker's requests in flight may hold at once (bodies, decodes)
 
 
 @dataclass(frozen=True)
 class RuntimeSettings:
     model: str
+    served_model_name: str  # what answers call the model; "" is the default (loading.served_name)
     models_dir: Path
     device: str  # cpu, cuda or auto
     backend: str  # auto, torch, onnx or openvino: what prepare_model chooses between
@@ -81,6 +83,8 @@ class AccessSettings:
     require_api_key: bool  # every API endpoint wants a key (health and metrics stay open)
     rate_limit: str  # "60/min": requests per key, or per client address without one; "" is none
     rate_limit_dir: Path  # the rate limits' counts, shared by every worker process of this machine
+    trusted_proxies: tuple[str, ...]  # networks whose X-Forwarded-For is believed (access/identity.py)
+    redis_url: str  # where the rate limits count, shared by every replica; "" counts in rate_limit_dir
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,8 @@ class Config:
     https: bool  # reached over HTTPS through a proxy (X-Forwarded-Proto)
     hsts_seconds: int
     database_url: str
+    database_timeout_s: float  # the longest one wait on the database may take; 0: no limit
+    migrate: str  # what scripts/start.sh does about migrations: auto, true or false
     log_level: str
     server: ServerSettings
     limits: Limits
@@ -170,8 +176,46 @@ def _rate(raw: str, var: Var) -> str:
     return f"{int(match.group(1))}/{match.group(2)}"
 
 
+_SERVED_NAME = re.compile(r"^[A-Za-z0-9][\w.:@+/-]{0,127}$")
+
+
+def _served_name(raw: str, var: Var) -> str:
+    """A model's name in answers and in /v1/models/<name>: a letter or digit, then up to 127 of them,
+    ``_ . : @ + / -``."""
+    if not _SERVED_NAME.match(raw):
+        raise _Invalid(f"{var.name}={raw[:200]!r} is not a model name (letters, digits and _.:@+/-, up to 128)")
+    return raw
+
+
 def _list(raw: str, var: Var) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(var.separator) if item.strip())
+
+
+def _networks(raw: str, var: Var) -> tuple[str, ...]:
+    """Networks in CIDR notation (a bare address is its /32 or /128); never one holding every address,
+    which would believe any client's X-Forwarded-For."""
+    import ipaddress
+
+    networks = []
+    for item in _list(raw, var):
+        try:
+            network = ipaddress.ip_network(item)
+        except ValueError:
+            message = f"{var.name}: {item[:60]!r} is not a network such as 10.0.0.0/8 (host bits zero)"
+            raise _Invalid(message) from None
+        if network.prefixlen == 0:
+            raise _Invalid(f"{var.name}: {item!r} would trust every client's X-Forwarded-For")
+        networks.append(str(network))
+    return tuple(networks)
+
+
+_REDIS_URL = re.compile(r"^(redis|rediss|unix)://\S+$")
+
+
+def _redis_url(raw: str, var: Var) -> str:
+    if not _REDIS_URL.match(raw):  # the URL itself is not repeated: it may hold a password
+        raise _Invalid(f"{var.name} is not a Redis URL (redis://, rediss:// or unix://)")
+    return raw
 
 
 @dataclass(frozen=True)
@@ -215,6 +259,23 @@ VARIABLES: tuple[Var, ...] = (
         maximum=63_072_000,
     ),
     Var("DATABASE_URL", "", _str, "clipsite.E005", "A URL dj-database-url reads, e.g. postgres://u:p@host/db."),
+    Var(
+        "DATABASE_TIMEOUT",
+        5.0,
+        _float,
+        "clipsite.E056",
+        "Seconds one query may take on PostgreSQL, 0 (no limit, for long migrations) to 3600.",
+        minimum=0,
+        maximum=3600,
+    ),
+    Var(
+        "CLIP_MIGRATE",
+        "auto",
+        _choice,
+        "clipsite.E057",
+        "auto, true or false: whether the start script applies migrations.",
+        choices=("auto", "true", "false"),
+    ),
     Var(
         "LOG_LEVEL",
         "info",
@@ -274,6 +335,13 @@ VARIABLES: tuple[Var, ...] = (
         maximum=600,
     ),
     Var("CLIP_MODEL", "", _str, "clipsite.E010", "A Hugging Face id, a save_pretrained folder or the original layout."),
+    Var(
+        "CLIP_SERVED_MODEL_NAME",
+        "",
+        _served_name,
+        "clipsite.E066",
+        "The model's name in answers, e.g. clip-vit-b-32: letters, digits and _.:@+/-, up to 128 characters.",
+    ),
     Var("CLIP_MODELS_DIR", "/home/models/clip_models", _str, "clipsite.E011", "A folder this user can write."),
     Var("CLIP_DEVICE", "cpu", _choice, "clipsite.E012", "cpu, cuda or auto.", choices=("cpu", "cuda", "auto")),
     Var(
@@ -349,6 +417,15 @@ VARIABLES: tuple[Var, ...] = (
     Var("CLIP_MAX_FILE_BYTES", 20 * 1024 * 1024, _int, "clipsite.E024", "Bytes per file, at least 1.", minimum=1),
     Var("CLIP_MAX_REQUEST_BYTES", 100 * 1024 * 1024, _int, "clipsite.E025", "Bytes per request.", minimum=1),
     Var("CLIP_MAX_IMAGE_PIXELS", 50_000_000, _int, "clipsite.E026", "Pixels per image, at least 1.", minimum=1),
+    Var(
+        "CLIP_WORKER_MEMORY_MB",
+        512,
+        _int,
+        "clipsite.E067",
+        "Megabytes a worker's requests in flight may hold at once (bodies, decoded images), 64 to 1000000.",
+        minimum=64,
+        maximum=1_000_000,
+    ),
     Var("CLIP_MAX_PARTS", 64, _int, "clipsite.E027", "Parts per request, 1 to 10000.", minimum=1, maximum=10_000),
     Var("CLIP_MAX_KEY_CHARS", 200, _int, "clipsite.E028", "Characters per key, 1 to 10000.", minimum=1, maximum=10_000),
     Var(
@@ -374,6 +451,20 @@ VARIABLES: tuple[Var, ...] = (
         "clipsite.E042",
         "A folder every worker can write (default var/cache/throttle).",
     ),
+    Var(
+        "CLIP_TRUSTED_PROXIES",
+        (),
+        _networks,
+        "clipsite.E053",
+        "Comma-separated networks of your proxies, e.g. 10.0.0.0/8,2001:db8::/32 (none: X-Forwarded-For is ignored).",
+    ),
+    Var(
+        "CLIP_REDIS_URL",
+        "",
+        _redis_url,
+        "clipsite.E054",
+        "redis://host:6379/0 (rediss:// for TLS, unix:///path.sock): the rate limits count there for every replica.",
+    ),
     Var("WEARABLE_TOP_K", 3, _int, "clipsite.E029", "Categories per answer, 1 to 1000.", minimum=1, maximum=1000),
     Var("WEARABLE_STORE_IMAGES", False, _bool, "clipsite.E030", "true keeps uploaded images with each answer."),
 )
@@ -391,6 +482,14 @@ _FP16_NEEDS_GPU = ("clipsite.E039", "CLIP_DTYPE=float16 runs on a GPU with PyTor
 _PLACEHOLDER_KEY = (
     "clipsite.E048",
     "DJANGO_SECRET_KEY is still the placeholder of deploy/k8s/secret.yaml: anyone could sign sessions and demo tokens",
+)
+# A body costs up to this many times its length while it is served (the raw bytes, their parsed copy,
+# decoded base64 images): measured 2.0 for multipart, 3.2 for /v1's JSON (README "Memory").
+# embeddings/memory.py holds this much per body.
+BODY_COST_FACTOR = 4
+_BODY_OVER_BUDGET = (
+    "clipsite.E068",
+    "CLIP_WORKER_MEMORY_MB is under 4 x CLIP_MAX_REQUEST_BYTES: a request at the size limit could never be served",
 )
 _TEMPLATE_NEEDS_SLOT = ("wearable.E002", 'Every template needs "{}", e.g. "a photo of a {}."; separate them with |.')
 
@@ -469,6 +568,8 @@ def load(environ: Mapping[str, str], *, base_dir: Path) -> tuple[Config, list[Pr
         bad(_BF16_NOT_ONNX, "CLIP_DTYPE")
     if "replace-me" in (v["DJANGO_SECRET_KEY"] or "").lower():
         bad(_PLACEHOLDER_KEY, "DJANGO_SECRET_KEY")
+    if v["CLIP_MAX_REQUEST_BYTES"] * BODY_COST_FACTOR > v["CLIP_WORKER_MEMORY_MB"] * 2**20:
+        bad(_BODY_OVER_BUDGET, "CLIP_WORKER_MEMORY_MB")
     if v["CLIP_DTYPE"] == "float16" and (v["CLIP_DEVICE"] == "cpu" or v["CLIP_BACKEND"] in ("onnx", "openvino")):
         bad(_FP16_NEEDS_GPU, "CLIP_DTYPE")
 
@@ -482,6 +583,8 @@ def load(environ: Mapping[str, str], *, base_dir: Path) -> tuple[Config, list[Pr
         https=v["DJANGO_HTTPS"],
         hsts_seconds=v["DJANGO_HSTS_SECONDS"],
         database_url=v["DATABASE_URL"] or f"sqlite:///{base_dir / 'var' / 'db.sqlite3'}",
+        database_timeout_s=float(v["DATABASE_TIMEOUT"]),
+        migrate=v["CLIP_MIGRATE"],
         log_level=v["LOG_LEVEL"].upper(),
         server=ServerSettings(
             port=v["PORT"],
@@ -503,9 +606,11 @@ def load(environ: Mapping[str, str], *, base_dir: Path) -> tuple[Config, list[Pr
             max_request_pixels=v["CLIP_MAX_REQUEST_PIXELS"],
             max_parts=v["CLIP_MAX_PARTS"],
             max_key_chars=v["CLIP_MAX_KEY_CHARS"],
+            worker_memory_bytes=v["CLIP_WORKER_MEMORY_MB"] * 2**20,
         ),
         runtime=RuntimeSettings(
             model=v["CLIP_MODEL"],
+            served_model_name=v["CLIP_SERVED_MODEL_NAME"],
             models_dir=Path(v["CLIP_MODELS_DIR"]).expanduser(),
             device=v["CLIP_DEVICE"],
             backend=v["CLIP_BACKEND"],
@@ -529,6 +634,8 @@ def load(environ: Mapping[str, str], *, base_dir: Path) -> tuple[Config, list[Pr
             require_api_key=v["CLIP_REQUIRE_API_KEY"],
             rate_limit=v["CLIP_RATE_LIMIT"],
             rate_limit_dir=Path(v["CLIP_RATE_LIMIT_DIR"] or base_dir / "var" / "cache" / "throttle"),
+            trusted_proxies=tuple(v["CLIP_TRUSTED_PROXIES"]),
+            redis_url=v["CLIP_REDIS_URL"],
         ),
         observability=ObservabilitySettings(
             log_format=v["LOG_FORMAT"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import uuid
 
 from django.http import HttpResponsePermanentRedirect
@@ -17,10 +18,12 @@ from django.templatetags.static import static
 from django.urls import path
 from django.views.decorators.http import require_GET, require_http_methods
 
-from access.authentication import demo_token
+from access.authentication import demo_token, rate_limit_wait
+from access.identity import client_identity
 from clipsite.config import current
 from embeddings import errors
 from embeddings.multipart import Part
+from embeddings.runtime.loading import default_served_name
 from embeddings.runtime.state import runtime
 from embeddings.services import embeddings_compute
 from wearable.services import wearable_predict
@@ -52,7 +55,9 @@ def friendly_messages() -> dict[str, str]:
         "invalid_text": "One of the texts isn't valid text.",
         "not_ready": "The model is still loading. Try again in a few seconds.",
         "overloaded": "The server is busy right now. Try again in a moment.",
+        "throttled": "That's more requests than this server takes from you in a while. Try again in a minute.",
         "no_categories": "No wearable categories are set up yet: add some in the admin.",
+        "database_unavailable": "The server's database isn't answering right now. Try again in a few seconds.",
         "no_image": "Choose an image first.",
         "too_many_images": "Choose one image at a time.",
         "compare_incomplete": "Add at least one image and one text to compare.",
@@ -70,8 +75,10 @@ def model_status() -> dict:
     """What the banner shows: the model's name, and whether it is a random-weight test model."""
     if runtime.ready:
         engine = runtime.engine()
-        return {"state": "ready", "name": engine.name, "is_test_model": engine.is_test_model}
-    return {"state": "failed" if runtime.status == "failed" else "loading", "name": current().runtime.model or None}
+        return {"state": "ready", "name": engine.served_name, "is_test_model": engine.is_test_model}
+    settings = current().runtime
+    name = settings.served_model_name or default_served_name(settings.model)
+    return {"state": "failed" if runtime.status == "failed" else "loading", "name": name or None}
 
 
 def uploaded_part(upload, key: str) -> Part:
@@ -111,7 +118,7 @@ def wearable_result(request) -> dict:
         return {"error": friendly_message("no_image")}
     image = uploaded_part(files[0], "image")
     # The endpoint's default top_k (as the script gets): it adapts to a table of fewer categories.
-    body = wearable_predict(parts=[image], request_id=str(uuid.uuid4()))
+    body = wearable_predict(parts=[image], request_id=str(uuid.uuid4()), client=client_identity(request))
     scores = [
         {**row, "percent": round(100 * row["probability"], 1), "width": max(1.0, round(100 * row["probability"], 1))}
         for row in body["scores"][:TOP_K]
@@ -127,7 +134,7 @@ def compare_result(request) -> dict:
     # The keys demo.js sends too: image-1, image-2, ... and text-1, text-2, ...
     images = [uploaded_part(upload, f"image-{i}") for i, upload in enumerate(files, start=1)]
     text_parts = [Part(f"text-{j}", text.encode("utf-8")) for j, text in enumerate(texts, start=1)]
-    body = embeddings_compute(parts=images + text_parts, request_id=str(uuid.uuid4()))
+    body = embeddings_compute(parts=images + text_parts, request_id=str(uuid.uuid4()), client=client_identity(request))
     matrix = body["similarity_matrix"]
     low, high = min(min(row) for row in matrix), max(max(row) for row in matrix)
     rows = []
@@ -167,7 +174,7 @@ def index(request):
         "embeddings_url": EMBEDDINGS_URL,
         "wearable_url": WEARABLE_URL,
     }
-    status = 200
+    status, wait = 200, None
     context["keys_required"] = current().access.require_api_key
     if request.method == "POST" and context["keys_required"] and not _staff(request):
         context["form_error"] = "This server wants an API key: log in to the admin as staff to use this page."
@@ -178,7 +185,11 @@ def index(request):
         if handler is None:
             context["form_error"] = "Choose one of the page's forms to send."
             return render(request, "demo/index.html", context, status=400)
+        # The form runs the model as the API does, so CLIP_RATE_LIMIT counts it as the API would.
+        wait = rate_limit_wait(request)
         try:
+            if wait is not None:
+                raise errors.Throttled("Over CLIP_RATE_LIMIT.")
             result = handler(request)
         except Exception as exc:  # noqa: BLE001 - the API's own table says which errors are the client's
             api_error = errors.as_api_error(exc)
@@ -189,7 +200,10 @@ def index(request):
         context["texts_value"] = request.POST.get("texts", "")
         if "error" in result and status == 200:
             status = 400
-    return render(request, "demo/index.html", context, status=status)
+    response = render(request, "demo/index.html", context, status=status)
+    if wait is not None:
+        response["Retry-After"] = str(max(1, math.ceil(wait)))
+    return response
 
 
 @require_GET

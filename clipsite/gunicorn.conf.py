@@ -42,8 +42,27 @@ header_map = "drop"
 forwarder_headers = "REQUEST_ID"
 forwarded_allow_ips = "*"
 secure_scheme_headers = {}
-accesslog = "-"
+# No access log: the application writes one line per request, escaped, in LOG_FORMAT
+# (embeddings/logs.py). gunicorn's own line repeated it, with the User-Agent's control characters raw.
+accesslog = None
 errorlog = "-"
+# gunicorn's own lines (starting, booting workers, a request its parser refused) in the same format as
+# the application's, so that LOG_FORMAT=json gives JSON lines only.
+_formatter = "JsonFormatter" if _config.observability.log_format == "json" else "PlainFormatter"
+logconfig_dict = {
+    "formatters": {"clipsite": {"()": f"embeddings.logs.{_formatter}"}},
+    "filters": {"request_id": {"()": "embeddings.logs.RequestIdFilter"}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "clipsite",
+            "filters": ["request_id"],
+            "stream": "ext://sys.stderr",
+        }
+    },
+    "root": {"level": _config.log_level, "handlers": ["console"]},
+    "loggers": {"gunicorn.error": {"level": _config.log_level, "handlers": [], "propagate": True}},
+}
 # One copy of the model per worker process: never preload it in the master.
 preload_app = False
 

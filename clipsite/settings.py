@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -53,6 +54,7 @@ INSTALLED_APPS = [
     "embeddings.apps.EmbeddingsConfig",
     "wearable.apps.WearableConfig",
     "access.apps.AccessConfig",
+    "axes",  # admin login throttling; its tables come with `migrate`
 ]
 
 MIDDLEWARE = [
@@ -65,6 +67,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: it turns a locked-out login into its 429 answer.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "clipsite.urls"
@@ -119,25 +123,74 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
 
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
-    # psycopg 3. As with SQLite's busy timeout: an unreachable server or a held lock becomes a quick
-    # error (the wearable then answers from memory), not a request stalled for a minute. A URL's own
-    # ?connect_timeout= or ?options= wins.
+    # psycopg 3, through clipsite/postgresql: Django's backend with a deadline on the server's answers.
+    # As with SQLite's busy timeout, a database that is down, slow or silent is a quick error (503
+    # database_unavailable; the wearable answers from memory), never a request stalled for minutes:
+    # connecting gives up after 3 s, a lock is waited for 2 s, the server ends a query after
+    # DATABASE_TIMEOUT, and the client waits one second more for any answer (the only limit that holds
+    # against a server that is stopped while its kernel still acknowledges every packet). Keep-alives
+    # and tcp_user_timeout drop a connection whose packets go unanswered (a partition, a host gone).
+    # A URL's own values win, each setting its ?options= names included.
+    DATABASES["default"]["ENGINE"] = "clipsite.postgresql"
     _pg = DATABASES["default"].setdefault("OPTIONS", {})
     _pg.setdefault("connect_timeout", 3)
-    _pg.setdefault("options", f"-c lock_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
+    _timeout_ms = round(CLIPSITE.database_timeout_s * 1000)  # 0: no limit (long migrations)
+    _server = {"lock_timeout": SQLITE_BUSY_TIMEOUT_S * 1000, "statement_timeout": _timeout_ms}
+    _own = _pg.get("options", "")
+    _ours = [f"-c {name}={ms}" for name, ms in _server.items() if ms and f"{name}=" not in _own]
+    _pg["options"] = " ".join([_own, *_ours]).strip()
+    # An idle connection is probed after 10 s, then every 2 s; 3 unanswered probes drop it.
+    _keepalives = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 2, "keepalives_count": 3}
+    for _name, _value in _keepalives.items():
+        _pg.setdefault(_name, _value)
+    if _timeout_ms:
+        _pg.setdefault("tcp_user_timeout", _timeout_ms)
+        _pg.setdefault("client_timeout", CLIPSITE.database_timeout_s + 1)  # clipsite/postgresql/base.py
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-# Rate limits (CLIP_RATE_LIMIT) count in a cache every worker process shares: files under var/, so the
-# API never waits on the database for them.
-CACHES = {
-    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
-    "throttle": {
-        "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+# Rate limits (CLIP_RATE_LIMIT, failed key lookups) count in a store off the database (access/ratelimit.py):
+# with CLIP_REDIS_URL in Redis, which every replica shares, waiting at most 0.25 s for it; else in SQLite
+# files under CLIP_RATE_LIMIT_DIR (diskcache), which the worker processes of this machine share: a few
+# indexed operations a request, held under 64 MB (plus each shard's write-ahead log), the entries stored
+# longest ago evicted first, and expired ones before them.
+if CLIPSITE.access.redis_url:
+    _counts = {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": CLIPSITE.access.redis_url,
+        "KEY_PREFIX": "clipsite",
+        "OPTIONS": {"socket_connect_timeout": 0.25, "socket_timeout": 0.25},
+    }
+else:
+    _counts = {
+        "BACKEND": "access.ratelimit.LocalCounts",
         "LOCATION": str(CLIPSITE.access.rate_limit_dir),
-        "OPTIONS": {"MAX_ENTRIES": 100_000},
-    },
-}
+        "SHARDS": 4,
+        "DATABASE_TIMEOUT": 0.05,
+        "OPTIONS": {"size_limit": 64 * 2**20},
+    }
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}, "throttle": _counts}
+
+# Admin logins are throttled by django-axes: AxesStandaloneBackend refuses a locked-out login before
+# ModelBackend checks the password, so even the right password is refused until the cool-off ends.
+# Counts are rows in the database (axes' default handler), shared by every worker and replica.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+# 5 failures for one username from one address lock that pair out for 15 minutes; other users and
+# other addresses keep logging in. Per pair, not per username, so that a stranger elsewhere cannot lock
+# staff out; behind a proxy whose address every client shares, the pair is per username in effect.
+AXES_FAILURE_LIMIT = 5
+AXES_COOLOFF_TIME = timedelta(minutes=15)
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_HTTP_RESPONSE_CODE = 429
+# No banner at every process start; a failure's log line names the username and address, masked.
+AXES_VERBOSE = False
+# The address is the one the rate limits use (access/identity.py): X-Forwarded-For only from the
+# proxies CLIP_TRUSTED_PROXIES names, so a client-sent one cannot buy a fresh count.
+AXES_CLIENT_IP_CALLABLE = "access.identity.axes_client_ip"
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -210,7 +263,8 @@ LOGGING = {
     "disable_existing_loggers": False,
     # Every line names the request it belongs to ("-" outside a request): see embeddings/logs.py.
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(process)d] [%(request_id)s] %(message)s"},
+        # One record a line, whatever a client sent: embeddings/logs.py escapes what could break it.
+        "plain": {"()": "embeddings.logs.PlainFormatter"},
         "json": {"()": "embeddings.logs.JsonFormatter"},  # LOG_FORMAT=json: one JSON object a line
     },
     "filters": {

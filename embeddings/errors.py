@@ -271,6 +271,7 @@ def api_exception_handler(exc: Exception, context: dict) -> Response:
 def _runtime_errors() -> dict[type[Exception], type[ApiError]]:
     """The runtime knows nothing of HTTP: its expected failures, and Django's guards, as API errors."""
     from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
+    from django.db import InterfaceError, OperationalError
 
     from embeddings.runtime.engine import DeadlineExceeded, EngineStopped, QueueFull
     from embeddings.runtime.state import RuntimeNotReady
@@ -282,6 +283,11 @@ def _runtime_errors() -> dict[type[Exception], type[ApiError]]:
         EngineStopped: NotReady,  # the worker is stopping; another one answers the retry
         RequestDataTooBig: RequestTooLarge,
         SuspiciousOperation: BadRequest,  # too many fields or files, and Django's other guards
+        # The database is down, silent past DATABASE_TIMEOUT, refusing connections or holding a lock:
+        # on any path (a key to check, feedback to record, a staff session), never a 500. Its other
+        # errors (a constraint, a missing table on PostgreSQL) are faults of ours, and stay 500s.
+        OperationalError: DatabaseUnavailable,
+        InterfaceError: DatabaseUnavailable,
     }
 
 
@@ -291,6 +297,8 @@ def as_api_error(exc: Exception) -> Exception:
         return exc
     for runtime_type, api_type in _runtime_errors().items():
         if isinstance(exc, runtime_type):
+            if api_type is DatabaseUnavailable:  # the client never sees why: the log says it, in one line
+                logger.warning("The database failed, answered 503 database_unavailable: %s", exc)
             return api_type()
     return exc
 
@@ -351,7 +359,33 @@ class InvalidFeedback(BadRequest):
 class DatabaseUnavailable(ApiError):
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     default_code = "database_unavailable"
-    default_detail = (
-        "The database is not answering and this server holds no category vectors yet; try again in a few seconds."
-    )
+    default_detail = "The database is not answering; try again in a few seconds."
     retry_after = 5
+
+
+# Answered by the server's edge (clipsite/workers.py) before the application sees a request, and the
+# connection closed: on any path, never in an endpoint's own answers.
+class MalformedHttp(BadRequest):
+    default_code = "malformed_http"
+    default_detail = "The request is not valid HTTP/1.1."
+
+
+class RequestTimeout(ApiError):
+    status_code = status.HTTP_408_REQUEST_TIMEOUT
+    default_code = "request_timeout"
+    default_detail = "The client took too long to send its request."
+
+
+class UriTooLong(ApiError):
+    status_code = status.HTTP_414_REQUEST_URI_TOO_LONG
+    default_code = "uri_too_long"
+    default_detail = "The request line is too long."
+
+
+class HeadersTooLarge(ApiError):
+    status_code = status.HTTP_431_REQUEST_HEADER_FIELDS_TOO_LARGE
+    default_code = "headers_too_large"
+    default_detail = "The request's headers are too large."
+
+
+EDGE_ERRORS = (MalformedHttp, RequestTimeout, UriTooLong, HeadersTooLarge)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from embeddings import memory
 from embeddings.errors import ApiError, ImageTooLarge, InvalidImage, RequestTooManyPixels, UnsupportedImage
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ def decode_image(
                         f"{max(pixel_budget, 0):,} the request has left: send fewer or smaller images per request.",
                         key=key,
                     )
+                memory.hold_decode(im.mode, *im.size, turns=_turns(im), key=key)  # 503 if it cannot fit now
                 im.load()
                 _apply_exif_orientation(im)
                 rgb = _to_rgb(im)
@@ -245,6 +247,14 @@ def _draft_jpeg(im: Image.Image, min_side: int) -> None:
             # yields exactly `scale` (the quotient lies in [scale, 2 * scale)).
             im.draft("RGB", (width // scale, height // scale))
             return
+
+
+def _turns(im: Image.Image) -> bool:
+    """Whether EXIF orientation will turn or flip the picture (a second full-size copy), read before load."""
+    try:
+        return im.getexif().get(0x0112, 1) in (2, 3, 4, 5, 6, 7, 8)
+    except Exception:  # noqa: BLE001 - malformed EXIF: counted as turning, the safe side
+        return True
 
 
 def _apply_exif_orientation(im: Image.Image) -> None:

@@ -60,6 +60,12 @@ IN_FLIGHT = Gauge(
     multiprocess_mode="livesum",
 )
 REJECTIONS = Counter("clipsite_rejections", "Requests answered with an error, by its code.", ["code"])
+MEMORY_HELD = Gauge(
+    "clipsite_worker_memory_held_bytes",
+    "Bytes of the workers' memory budgets (CLIP_WORKER_MEMORY_MB) held by request bodies, decodes and "
+    "answers being sent (live workers summed).",
+    multiprocess_mode="livesum",
+)
 EDGE_CLOSED = Counter(
     "clipsite_connections_closed",
     "Connections the server's edge closed before a request reached the application, by why "

@@ -11,7 +11,8 @@ from django.conf import settings
 from django.http import HttpResponse, JsonResponse
 from django.urls import Resolver404, resolve
 
-from embeddings import errors, metrics, multipart, views
+from access.identity import client_address
+from embeddings import errors, memory, metrics, multipart, views
 from embeddings.logs import RequestStats, current_request_id, current_request_stats, log_request
 from embeddings.runtime.state import runtime
 
@@ -65,8 +66,11 @@ class ApiEdgeMiddleware:
             stats_token = current_request_stats.set(stats)  # the services note its items and batches
             metrics.IN_FLIGHT.inc()
             try:
-                with runtime.admitted():  # in flight before a SIGTERM: it finishes, drain or not
+                # in flight before a SIGTERM: it finishes, drain or not; its decodes held against the
+                # worker's memory budget until it ends (embeddings/memory.py)
+                with runtime.admitted(), memory.request_memory():
                     response = self.get_response(request)
+                let_go_of_the_body(request, response)
             finally:
                 metrics.IN_FLIGHT.dec()
                 current_request_stats.reset(stats_token)
@@ -75,6 +79,27 @@ class ApiEdgeMiddleware:
                 response["request_id"] = request_id
         _record(request, response, request_id, stats, time.perf_counter() - started)
         return response
+
+    def process_exception(self, request, exception):
+        """A database failure under a view outside DRF (the demo page reading a staff session, the admin)
+        is the 503 the API answers (DRF's views map it themselves: embeddings/errors.py), never a 500."""
+        error = errors.as_api_error(exception)
+        if isinstance(error, errors.DatabaseUnavailable):
+            return _error_response(request, getattr(request, "request_id", None), error)
+        return None
+
+
+def let_go_of_the_body(request, response) -> None:
+    """Drop the request's body and what was parsed from it once the answer is made. Django's and DRF's
+    request, view and response objects refer to each other in cycles, which only a full garbage
+    collection frees: without this, a 99 MB upload stayed reachable long after its answer."""
+    drf_request = (getattr(response, "renderer_context", None) or {}).get("request")
+    if drf_request is not None:
+        for name in ("_data", "_full_data", "_files"):
+            if name in drf_request.__dict__:
+                setattr(drf_request, name, None)
+    for name in ("_body", "_post", "_files"):
+        request.__dict__.pop(name, None)
 
 
 def _record(request, response, request_id: str | None, stats: RequestStats, seconds: float) -> None:
@@ -92,7 +117,20 @@ def _record(request, response, request_id: str | None, stats: RequestStats, seco
         status=status,
         latency_ms=1000 * seconds,
         stats=stats,
+        # The peer's address; behind a proxy, the proxy's (access/ decides who the client is).
+        client=str(client_address(request) or ""),
+        path=request.path,
+        user_agent=request.META.get("HTTP_USER_AGENT", ""),
+        size=_body_size(response),
     )
+
+
+def _body_size(response) -> int | None:
+    """The bytes of the answer's body: known, except for a stream without a Content-Length."""
+    if not response.streaming:
+        return len(response.content)
+    length = response.get("Content-Length")
+    return int(length) if length and length.isdigit() else None
 
 
 def endpoint_of(request) -> str:
@@ -118,15 +156,22 @@ def _refuse_oversized_body(request, request_id: str | None):
     try:
         multipart.check_declared_length(request.META)
     except errors.ApiError as exc:
-        if request_id is not None:
-            body = errors.error_body(request_id, exc.code, exc.message, status=exc.status_code, path=request.path_info)
-            response = JsonResponse(body, status=exc.status_code)
-            response["request_id"] = request_id
-        else:
-            response = HttpResponse(exc.message, status=exc.status_code, content_type="text/plain; charset=utf-8")
-        response.error_code = exc.code
-        return _with_length(response)
+        return _error_response(request, request_id, exc)
     return None
+
+
+def _error_response(request, request_id: str | None, exc: errors.ApiError):
+    """An API error answered outside DRF: in the API's shape on its paths, in plain words elsewhere."""
+    if request_id is not None:
+        body = errors.error_body(request_id, exc.code, exc.message, status=exc.status_code, path=request.path_info)
+        response = JsonResponse(body, status=exc.status_code)
+        response["request_id"] = request_id
+    else:
+        response = HttpResponse(exc.message, status=exc.status_code, content_type="text/plain; charset=utf-8")
+    if exc.retry_after is not None:
+        response["Retry-After"] = str(exc.retry_after)
+    response.error_code = exc.code
+    return _with_length(response)
 
 
 def _with_length(response):

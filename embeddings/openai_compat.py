@@ -28,7 +28,7 @@ _STARTED = int(time.time())
 
 def served_model() -> str:
     """The name the model is served under: /v1/models lists it, and a request's ``model`` must name it."""
-    return current_engine().name
+    return current_engine().served_name
 
 
 def models_list() -> dict:
@@ -56,7 +56,7 @@ def _check_model(model) -> None:
 
 def _parts_of(inputs: list, *, key_prefix: str = "input") -> list[Part]:
     """Each input as a part: an image file for a base64 image data URL, else a text field."""
-    max_bytes = current().limits.max_file_bytes
+    max_bytes, max_chars = current().limits.max_file_bytes, current().limits.max_text_chars
     parts = []
     for index, item in enumerate(inputs):
         key = f"{key_prefix}[{index}]"
@@ -70,6 +70,8 @@ def _parts_of(inputs: list, *, key_prefix: str = "input") -> list[Part]:
         if match is None:
             if item[:11].lower() == "data:image/":
                 raise errors.InvalidImage(f"{key} is a data URL but not data:image/...;base64,...", key=key)
+            if len(item) > max_chars:  # before its UTF-8 copy, which may be 4 times its length
+                raise errors.TextTooLong(f"{key} has more than {max_chars} characters; that is the limit.", key=key)
             parts.append(Part(key=key, data=item.encode("utf-8")))
             continue
         payload = item[match.end() :]

@@ -318,3 +318,37 @@ def test_a_threads_socket_reads_only_what_the_loop_assembled():
         buffered.load(b"head", bytearray(b"body"))
         assert buffered.recv(3) == b"hea" and buffered.recv(100) == b"d" and buffered.recv(100) == b"body"
         assert buffered.recv(100) == b""  # the end of this request, not a read of the socket
+
+
+def test_a_body_the_application_left_unread_does_not_spill_into_the_next_request(edge):
+    body, content_type = text_body()
+    unread = (
+        f"POST /syte_test/nope HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        f"Content-Type: {content_type}\r\n\r\n"
+    ).encode() + body  # refused (403, no CSRF token) before anything reads its body
+    with socket.create_connection(("127.0.0.1", edge.port)) as sock:
+        sock.settimeout(15)
+        sock.sendall(unread)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 403 ") and b"keep-alive" in head.lower()
+        length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+        while len(rest) < length:
+            rest += sock.recv(65536)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # the same connection
+        assert read_all(sock).startswith(b"HTTP/1.1 200 ")
+
+
+def test_only_the_heads_line_ends_are_counted_against_the_header_limit():
+    from clipsite.workers import _header_newlines
+
+    class Conn:
+        head_tail = b""
+
+    conn = Conn()  # head and body in one read: the body's newlines are not header lines
+    assert _header_newlines(conn, b"POST / HTTP/1.1\r\nA: b\r\n\r\n\n\n\nbody\n") == 3
+    conn = Conn()  # the head's end straddling two reads
+    assert _header_newlines(conn, b"POST / HTTP/1.1\r\nA: b\r\n\r") == 2
+    assert _header_newlines(conn, b"\n\n\n\nbody") == 1

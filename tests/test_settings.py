@@ -65,6 +65,12 @@ def test_a_bad_value_is_reported_with_the_variables_own_id_and_the_default_stand
         ({"CLIP_DTYPE": "bfloat16", "CLIP_BACKEND": "onnx"}, "CLIP_DTYPE", "clipsite.E038"),
         ({"CLIP_DTYPE": "float16"}, "CLIP_DTYPE", "clipsite.E039"),  # the default device is the CPU
         ({"DJANGO_SECRET_KEY": "REPLACE-ME-with-a-long-random-string"}, "DJANGO_SECRET_KEY", "clipsite.E048"),
+        (
+            {"CLIP_WORKER_MEMORY_MB": "64", "CLIP_MAX_REQUEST_BYTES": "20000000"},
+            "CLIP_WORKER_MEMORY_MB",
+            "clipsite.E068",
+        ),
+        ({"WEB_HEADER_TIMEOUT": "0"}, "WEB_HEADER_TIMEOUT", "clipsite.E060"),
         ({"CLIP_DTYPE": "float16", "CLIP_DEVICE": "auto", "CLIP_BACKEND": "openvino"}, "CLIP_DTYPE", "clipsite.E039"),
         ({"WEARABLE_PROMPT_TEMPLATES": " | "}, "WEARABLE_PROMPT_TEMPLATES", "wearable.E001"),
         (

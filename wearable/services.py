@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 # Prompts encoded per forward pass when vectors are missing: one call for any table of normal size.
 _ENCODE_CHUNK = 256
+NO_VECTORS_WITHOUT_DATABASE = (
+    "The database is not answering and this server holds no category vectors yet; try again in a few seconds."
+)
 
 
 def prompt_templates() -> list[str]:
@@ -149,7 +152,7 @@ class CategoryCache:
             cached = self._matrix
             if cached is None or cached.model_name != engine.name:
                 logger.warning("Database unavailable and no category vectors in memory yet: %s", exc)
-                raise errors.DatabaseUnavailable() from exc
+                raise errors.DatabaseUnavailable(NO_VECTORS_WITHOUT_DATABASE) from exc
             logger.warning("Database unavailable, answering from the category vectors in memory: %s", exc)
             metrics.CATEGORY_CACHE.labels("stale").inc()
             return cached
@@ -338,7 +341,7 @@ def wearable_predict(*, parts: list[Part], request_id: str, top_k: int | None = 
     except DatabaseError as exc:
         # The answer matters more than its record: feedback on this request_id will find no answer.
         logger.warning("Prediction of request_id %r not recorded, the database failed: %s", request_id, exc)
-    return {"request_id": request_id, "model": engine.name, "top_categories": top, "scores": ranked}
+    return {"request_id": request_id, "model": engine.served_name, "top_categories": top, "scores": ranked}
 
 
 # --- Feedback -----------------------------------------------------------------------------------------
