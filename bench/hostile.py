@@ -39,6 +39,7 @@ _VALUES = {
     "X-Forwarded-For": "198.51.100.9",
 }
 _STATUS = re.compile(rb"^HTTP/1\.1 (\d{3}) ")
+PAUSE_S = 0.2  # between two rounds of one kind
 
 
 def palette_bomb(side: int = 5000) -> bytes:
@@ -112,7 +113,8 @@ class Hostile:
                     kind()
                 except OSError:
                     self._note(kind.__name__.strip("_"), "connect failed")
-                    self._stop.wait(0.2)  # the bounded pause of a client that failed to connect
+                # A few rounds a second: hostile, not a CPU benchmark of the client itself.
+                self._stop.wait(PAUSE_S)
 
         return run
 
@@ -149,7 +151,9 @@ class Hostile:
                 sock.sendall(head.encode() + b"\r\n" + body[: len(body) // 2])
                 socks.append(sock)
             for sock in socks:
-                self._note("stalled-body", _answer(sock, max(0.1, min(60, self.deadline - time.monotonic()))))
+                outcome = _answer(sock, max(0.1, min(60, self.deadline - time.monotonic())))
+                if outcome != "open" or self._running():  # still open at the end: the run stopped first
+                    self._note("stalled-body", outcome)
         finally:
             for sock in socks:
                 sock.close()

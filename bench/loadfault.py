@@ -37,9 +37,10 @@ HOSTILE_EXPECTED = {
     "endless-headers": {"431"},
     "chunked-flood": {"413", "503"},  # 503: the worker's memory budget was full
     "decode-bomb": {"200", "503"},
-    "big-v1-text": {"400"},
+    "big-v1-text": {"400", "503"},
 }
 UNBUDGETED_MB = 128  # what no budget counts in a worker (README "Memory"): allocator slack, answers, headers
+ENGINE_GROWTH_MB = 170  # what an engine grows over its first 10,000 requests (OpenVINO; README "Memory per replica")
 
 
 def _png(size: tuple[int, int], colour=(200, 30, 30)) -> bytes:
@@ -286,8 +287,16 @@ def run(
         master = server.proc.pid
         started = time.monotonic()
         drive(server.port, mix, total=200, concurrency=16, deadline=started + 300, on_progress=lambda n: None)
+        worker_start_mb = max(_rss_mb([pid]) for pid in _children(master))  # warm, before any hostile load
+        # The hostile kinds once too before the start is measured: the heap their decodes leave to the
+        # allocator is there at the end as well, so the growth compares like with like (a leak, not a peak).
+        warm = Hostile(
+            server.port, deadline=time.monotonic() + 15, idle_sockets=50, max_request_bytes=limits.max_request_bytes
+        )
+        warm.start()
+        drive(server.port, mix, total=200, concurrency=16, deadline=time.monotonic() + 300, on_progress=lambda n: None)
+        warm.stop()
         rss_start = _server_rss(master)
-        worker_start_mb = max(_rss_mb([pid]) for pid in _children(master))
         log(f"warm: server {rss_start:.0f} MB resident; {requests} requests at concurrency {concurrency}")
         fault_lock = threading.Lock()
 
@@ -331,7 +340,7 @@ def run(
         for kind, counts in hostile_outcomes.items()
     }
     hostile_unexpected = {k: v for k, v in hostile_unexpected.items() if v}
-    worker_bound_mb = worker_start_mb + limits.worker_memory_bytes / 2**20 + UNBUDGETED_MB
+    worker_bound_mb = worker_start_mb + ENGINE_GROWTH_MB + limits.worker_memory_bytes / 2**20 + UNBUDGETED_MB
     sent = sum(outcome.statuses.values())
     report = {
         "requests": requests,
@@ -401,7 +410,8 @@ def markdown(report: dict) -> str:
         "",
         f"Hostile outcomes not expected: {report['hostile_unexpected'] or 'none'}.",
         f"Worker memory: {report['worker_start_mb']} MB resident when warm, peak {report['worker_peak_mb']} MB "
-        f"while serving; the stated bound (warm + CLIP_WORKER_MEMORY_MB + {UNBUDGETED_MB} MB) is "
+        f"while serving; the stated bound (warm + {ENGINE_GROWTH_MB} MB engine growth + CLIP_WORKER_MEMORY_MB + "
+        f"{UNBUDGETED_MB} MB) is "
         f"{report['worker_bound_mb']} MB.",
         "Faults: " + ", ".join("{signal} to worker {worker} at request {at_request}".format(**f) for f in faults) + ".",
         f"Server memory (master + workers, resident): {report['rss_start_mb']} MB at the start, "

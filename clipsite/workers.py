@@ -49,8 +49,9 @@ from embeddings import memory
 
 MAX_HEADER_BYTES = 64 * 1024  # the request line and headers together; past this, 431
 # A body holds the worker's memory budget as its bytes arrive, this far ahead: a client that declares
-# 100 MB and sends nothing holds a MiB's worth, not 400 MB.
-HOLD_AHEAD_BYTES = 1 << 20
+# 100 MB and sends nothing holds 64 KiB's worth, not 400 MB (at the connection cap, a quarter of the
+# default budget).
+HOLD_AHEAD_BYTES = 64 << 10
 # Each chunk of a chunked body counts this much against the request limit beside its bytes: parsing a
 # chunk costs the event loop the same whatever its size, so a body of 1-byte chunks is refused long
 # before it costs a CPU-second (a real client's chunks are kilobytes).
@@ -489,7 +490,7 @@ class BufferingThreadWorker(ThreadWorker):
                 if counted > self._max_body:  # chunked, past the limit: counted as it comes
                     self._hand_over(conn, too_large=counted)
                     return
-                if len(conn.body) > conn.held // memory.BODY_COST_FACTOR:  # held as it comes, a MiB ahead
+                if len(conn.body) > conn.held // memory.BODY_COST_FACTOR:  # held as it comes, a step ahead
                     self._hold(conn, min(len(conn.body) + HOLD_AHEAD_BYTES, conn.expected))
             elif isinstance(event, h11.EndOfMessage):
                 conn.pending = conn.http.trailing_data[0]

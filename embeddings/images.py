@@ -119,7 +119,15 @@ def decode_image(
                         f"{max(pixel_budget, 0):,} the request has left: send fewer or smaller images per request.",
                         key=key,
                     )
-                memory.hold_decode(im.mode, *im.size, turns=_turns(im), key=key)  # 503 if it cannot fit now
+                memory.hold_decode(  # 503 if it cannot fit now
+                    im.mode,
+                    *im.size,
+                    key=key,
+                    turns=_turns(im),
+                    fmt=fmt,
+                    stored=original_size,
+                    progressive=bool(im.info.get("progressive") or im.info.get("progression")),
+                )
                 im.load()
                 _apply_exif_orientation(im)
                 rgb = _to_rgb(im)

@@ -17,8 +17,8 @@ from access.authentication import (
     RequireApiKey,
     presented_key,
 )
-from access.identity import client_identity
-from access.services import api_key_check
+from access.identity import address_identity, client_identity
+from access.services import TooManyFailedLookups, api_key_check
 from clipsite import database
 from clipsite.config import current
 from embeddings import errors, metrics, openai_compat, services
@@ -189,7 +189,13 @@ def _details_refused(request) -> JsonResponse | None:
     active staff user. Else the answer: 403, or 503 when the database cannot tell."""
     try:
         raw = presented_key(request)
-        allowed = api_key_check(raw=raw) is not None if raw is not None else _staff_session(request)
+        address = address_identity(request)  # its failed lookups count as the API's do
+        allowed = api_key_check(raw=raw, address=address) is not None if raw is not None else _staff_session(request)
+    except TooManyFailedLookups as exc:
+        message = "Too many API keys sent from this address were not valid."
+        response = JsonResponse(errors.error_body(None, errors.Throttled.default_code, message, status=429), status=429)
+        response["Retry-After"] = str(max(1, int(exc.wait)))
+        return response
     except DatabaseError:
         error = errors.DatabaseUnavailable()
         response = JsonResponse(

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import multipart_body
 from tests.server import START, Server, raw_http, server_env, serving
+from tests.test_edge import ordinary
 
 pytestmark = pytest.mark.server
 MAX_REQUEST = 16 << 20
@@ -42,15 +42,6 @@ ENV = {
 def edge(tmp_path_factory, tiny_model_dir):
     with serving(tmp_path_factory.mktemp("attacks"), tiny_model_dir, **ENV) as srv:
         yield srv
-
-
-def ordinary(port: int, timeout: float = 30) -> int:
-    body, content_type = multipart_body([("t", "a photo of a cat", None)])
-    head = (
-        f"POST /syte_test/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
-        f"Content-Type: {content_type}\r\nConnection: close\r\n\r\n"
-    )
-    return raw_http(port, head.encode() + body, timeout=timeout)[0]
 
 
 def read_all(sock: socket.socket, timeout: float = 30) -> bytes:
