@@ -31,9 +31,9 @@ keepalive = _config.server.keepalive_s
 limit_request_line = 4094
 limit_request_fields = 100
 limit_request_field_size = 8190
-# Answers are written with a send timeout (a client that stops reading frees its thread); os.sendfile
-# on such a socket would fail with EAGAIN instead.
-sendfile = False
+# sendfile is left unset (gunicorn reads any value, True included, as "off"): a file answer (the
+# static files) is kept as the file and sent by the event loop with os.sendfile (clipsite/workers.py
+# FilePart), holding no memory while a client reads it.
 # The original spec's header is literally "request_id", and gunicorn refuses or drops every header
 # with an underscore (X_Forwarded_For would otherwise merge into X-Forwarded-For). Drop them all but
 # REQUEST_ID: gunicorn keeps the "forwarder" headers it is told to, from any peer here, and no other

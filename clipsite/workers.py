@@ -32,6 +32,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
 import re
 import resource
 import selectors
@@ -70,15 +71,47 @@ class EdgeTimeouts:
     keepalive: float  # an idle kept-alive connection
 
 
+class FilePart:
+    """Part of an answer that is a file (a static file gunicorn would ``sendfile``): its own descriptor
+    and the range still to send, sent by the kernel from the page cache. A 4 MB bundle to a client that
+    reads nothing costs a descriptor, not 4 MB of the worker's memory."""
+
+    def __init__(self, fd: int, offset: int, count: int):
+        self.fd, self.offset, self.count = fd, offset, count
+
+    def send(self, sock: socket.socket) -> bool:
+        """Send what the socket takes now; True once all of it is sent, False when the client's window
+        is full for now (BlockingIOError if it took nothing this time)."""
+        start = self.offset
+        while self.count:
+            try:
+                sent = os.sendfile(sock.fileno(), self.fd, self.offset, min(self.count, 1 << 20))
+            except BlockingIOError:
+                if self.offset == start:
+                    raise
+                return False
+            if not sent:  # the file shrank under us: the client gets a short answer and the close
+                raise OSError("the file ended before its answer")
+            self.offset += sent
+            self.count -= sent
+        return True
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class BufferedSocket:
     """The connection's socket for a request thread: it reads the canonical request the event loop
     assembled and nothing else (an exhausted buffer reads as the end of the stream), and its writes are
-    kept for the event loop to send: a thread never waits on a client, however slowly it reads."""
+    kept for the event loop to send: a thread never waits on a client, however slowly it reads. A file
+    answer is kept as the file (``sendfile``), not its bytes."""
 
     def __init__(self, sock: socket.socket):
         self.raw = sock
         self._chunks: deque[memoryview] = deque()
-        self.out: deque[bytes] = deque()  # the answer, as the thread wrote it, until the loop sends it
+        self.out: deque[bytes | FilePart] = deque()  # the answer, as the thread wrote it, until sent
 
     def load(self, *chunks: bytes | bytearray) -> None:
         self._chunks = deque(memoryview(c) for c in chunks if c)
@@ -108,19 +141,47 @@ class BufferedSocket:
         self.sendall(data)
         return len(data)
 
+    def sendfile(self, file, offset: int = 0, count: int | None = None) -> int:
+        """gunicorn's Response.sendfile: keep the file's range for the event loop (its own descriptor,
+        since gunicorn closes the file once the request is done)."""
+        if count is None:
+            count = os.fstat(file.fileno()).st_size - offset
+        try:
+            fd = os.dup(file.fileno())
+        except OSError:  # no descriptor left: its bytes, then
+            file.seek(offset)
+            self.sendall(file.read(count))
+            return count
+        self.out.append(FilePart(fd, offset, count))
+        return count
+
     def pending_out(self) -> int:
-        return sum(len(chunk) for chunk in self.out)
+        """Bytes of the answer held in memory (a file part holds none)."""
+        return sum(len(chunk) for chunk in self.out if isinstance(chunk, bytes))
 
     def flush(self) -> bool:
         """Send what the socket takes now, without blocking; True once everything is sent."""
         while self.out:
             head = self.out[0]
+            if isinstance(head, FilePart):
+                if not head.send(self.raw):
+                    return False
+                head.close()
+                self.out.popleft()
+                continue
             sent = self.raw.send(head)  # BlockingIOError: the client's window is full for now
             if sent < len(head):
                 self.out[0] = head[sent:]
                 return False
             self.out.popleft()
         return True
+
+    def drop_out(self) -> None:
+        """Forget what is left of the answer (sent, or the connection closes)."""
+        for part in self.out:
+            if isinstance(part, FilePart):
+                part.close()
+        self.out.clear()
 
     def __getattr__(self, name):  # fileno, close, shutdown, getsockname...
         return getattr(self.raw, name)
@@ -295,10 +356,11 @@ class BufferingThreadWorker(ThreadWorker):
 
     # --- setup --------------------------------------------------------------------------------------
     def init_process(self):
-        open_files = raise_nofile_limit(self.worker_connections + FILES_BESIDE_CONNECTIONS)
-        if open_files < self.worker_connections + FILES_BESIDE_CONNECTIONS:
+        # Each connection may hold a second descriptor: the file its answer is (FilePart).
+        open_files = raise_nofile_limit(2 * self.worker_connections + FILES_BESIDE_CONNECTIONS)
+        if open_files < 2 * self.worker_connections + FILES_BESIDE_CONNECTIONS:
             # The threads need files too (the model's, templates, the database): the cap gives way.
-            self.worker_connections = max(10, open_files - FILES_BESIDE_CONNECTIONS)
+            self.worker_connections = max(10, (open_files - FILES_BESIDE_CONNECTIONS) // 2)
             self.log.warning(
                 "Only %d open files are allowed: at most %d connections per worker", open_files, self.worker_connections
             )
@@ -664,7 +726,7 @@ class BufferingThreadWorker(ThreadWorker):
         if conn.answer_held:
             memory.budget().release(conn.answer_held)
             conn.answer_held = 0
-        conn.sock.out.clear()
+        conn.sock.drop_out()
 
     # --- timeouts and closing -----------------------------------------------------------------------
     def _reap(self) -> None:
